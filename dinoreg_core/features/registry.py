@@ -47,6 +47,7 @@ _REGISTRY: dict[str, FeatureMethod] = {}
 _BUILTIN: dict[str, str] = {
     "intensity": "dinoreg_core.features.intensity",
     "mind": "dinoreg_core.features.mind",
+    "dinov2": "dinoreg_core.models.dinov2_slices",
 }
 
 
