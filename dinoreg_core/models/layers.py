@@ -31,11 +31,13 @@ class PatchEmbed3D(nn.Module):
 # 3D rotary position embedding
 # ----------------------------------------------------------------------------------------------------------
 
-def rope_frequencies(head_dim: int, temperature: float = 100.0) -> torch.Tensor:
+def rope_frequencies(head_dim: int, temperature: float = 10000.0) -> torch.Tensor:
     """Angular frequencies (radians per token) of the 3D rotary embedding, shape (head_dim // 6,).
 
     The head channels are split into three equal chunks, one per axis (d, h, w); each chunk holds
     ``head_dim // 6`` rotated pairs with frequencies ``temperature ** (-i / n)``, i = 0..n-1.
+    This is the layout of timm's ``RotaryEmbeddingCat(dim=head_dim * 2 // 3, in_pixels=False)`` used by
+    EVA / Primus (``build_rotary_pos_embed`` with ``num_bands = dim // 4`` per axis, pairs interleaved).
     """
     if head_dim % 6:
         raise ValueError(f"3D RoPE needs a head dimension divisible by 6, got {head_dim}")
@@ -82,15 +84,18 @@ class Attention(nn.Module):
 
     forward(x (B,N,C), rope=(sin, cos) each (N_patch, Dh) or None, num_prefix: int) -> (B,N,C).
     The first ``num_prefix`` tokens (cls, registers) are not rotated; the rest must be the N_patch patch tokens.
+    ``inner_norm`` adds a LayerNorm on the concatenated head outputs before ``proj`` (EVA "scale_attn_inner").
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, inner_norm: bool = False,
+                 norm_eps: float = 1e-6):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if inner_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, rope=None, num_prefix: int = 0) -> torch.Tensor:
@@ -101,20 +106,24 @@ class Attention(nn.Module):
             q = torch.cat((q[:, :, :num_prefix], apply_rope(q[:, :, num_prefix:], sin, cos)), dim=2)
             k = torch.cat((k[:, :, :num_prefix], apply_rope(k[:, :, num_prefix:], sin, cos)), dim=2)
         x = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+        return self.proj(self.norm(x.transpose(1, 2).reshape(B, N, C)))
 
 
 class SwiGLU(nn.Module):
-    """SwiGLU MLP: fc2(silu(fc1_g(x)) * fc1_x(x)), hidden width ``hidden``."""
+    """SwiGLU MLP: fc2(norm(silu(fc1_g(x)) * fc1_x(x))), hidden width ``hidden``.
 
-    def __init__(self, dim: int, hidden: int):
+    ``norm`` is a LayerNorm on the hidden units when ``hidden_norm`` (EVA-02 / Primus "scale_mlp"), else identity.
+    """
+
+    def __init__(self, dim: int, hidden: int, hidden_norm: bool = True, norm_eps: float = 1e-6):
         super().__init__()
         self.fc1_g = nn.Linear(dim, hidden)
         self.fc1_x = nn.Linear(dim, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=norm_eps) if hidden_norm else nn.Identity()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.silu(self.fc1_g(x)) * self.fc1_x(x))
+        return self.fc2(self.norm(F.silu(self.fc1_g(x)) * self.fc1_x(x)))
 
 
 class LayerScale(nn.Module):
@@ -137,17 +146,20 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))), with drop-path."""
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))), with drop-path.
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool, layerscale_init: float,
-                 drop_path: float):
+    ``layerscale_init=None`` disables LayerScale (ls1, ls2 become identities).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qkv_bias: bool, layerscale_init: float | None,
+                 drop_path: float, *, mlp_norm: bool = True, attn_norm: bool = False, norm_eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias)
-        self.ls1 = LayerScale(dim, layerscale_init)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = SwiGLU(dim, mlp_hidden)
-        self.ls2 = LayerScale(dim, layerscale_init)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias, inner_norm=attn_norm, norm_eps=norm_eps)
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = SwiGLU(dim, mlp_hidden, hidden_norm=mlp_norm, norm_eps=norm_eps)
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init is not None else nn.Identity()
         self.drop_path = drop_path
 
     def forward(self, x: torch.Tensor, rope=None, num_prefix: int = 0) -> torch.Tensor:

@@ -14,14 +14,16 @@ Architecture (read top to bottom in :class:`ViT3D`):
 5. a cls token (with its own position embedding) and ``num_register_tokens`` register tokens (no position
    embedding) are prepended;
 6. ``depth`` pre-norm blocks: multi-head attention (``F.scaled_dot_product_attention``) with 3D rotary
-   embedding on q and k of the patch tokens (cls and registers are not rotated), SwiGLU MLP, LayerScale
-   (initialised to ``layerscale_init`` = 0.1, as in Primus) and drop-path (rate increasing linearly
-   from 0 to ``drop_path_rate`` over depth);
+   embedding on q and k of the patch tokens (cls and registers are not rotated), SwiGLU MLP with a LayerNorm
+   on its hidden units (EVA-02 / Primus), LayerScale (initialised to ``layerscale_init`` = 0.1, as in
+   PrimusS..L; ``None`` disables it) and drop-path (rate increasing linearly from 0 to ``drop_path_rate``);
 7. a final LayerNorm.
 
 Rotary embedding: each head's channels are split into three chunks (axes d, h, w) of interleaved pairs that
-are rotated by ``position * temperature ** (-i / n)``, positions in token units; the head dimension
-``embed_dim // num_heads`` must therefore be divisible by 6.
+are rotated by ``position * temperature ** (-i / n)``, n = head_dim // 6, positions = integer token indices
+on the actual grid (so attention logits depend only on token offsets); the head dimension
+``embed_dim // num_heads`` must therefore be divisible by 6. The table layout is that of timm's
+``RotaryEmbeddingCat`` as used by Primus (see :mod:`dinoreg_core.models.primus_keys`).
 
 The model is autocast (bf16) friendly and supports activation checkpointing (``set_grad_checkpointing``).
 """
@@ -53,9 +55,12 @@ class ViT3DConfig:
     pos_grid: tuple = (32, 32, 32)      # token grid of the learned absolute position embedding (128^3 crops / 4)
     use_rope: bool = True               # 3D rotary embedding on q, k of patch tokens
     drop_path_rate: float = 0.0         # stochastic depth rate of the last block
-    layerscale_init: float = 1e-1       # LayerScale initial value (Primus uses 0.1)
+    layerscale_init: float | None = 1e-1  # LayerScale initial value (PrimusS..L use 0.1); None = no LayerScale
     qkv_bias: bool = True               # bias in the fused qkv projection
-    rope_temperature: float = 100.0     # RoPE base: frequencies temperature ** (-i/n), i < n = head_dim // 6
+    rope_temperature: float = 10000.0   # RoPE base: frequencies temperature ** (-i/n), i < n = head_dim // 6 (timm/EVA)
+    mlp_norm: bool = True               # LayerNorm on the SwiGLU hidden units (EVA-02 / Primus "scale_mlp")
+    attn_norm: bool = False             # LayerNorm on the attention output before proj (EVA "scale_attn_inner")
+    norm_eps: float = 1e-6              # epsilon of every LayerNorm (timm's LayerNorm default)
 
     def __post_init__(self):
         self.pos_grid = tuple(int(s) for s in self.pos_grid)
@@ -70,9 +75,9 @@ class ViT3DConfig:
 
 
 CONFIGS: dict[str, ViT3DConfig] = {
-    # CPU demos: 0.85 M parameters, trains at 64^3 crops on a CPU
+    # CPU demos (64^3 crops -> 16^3 tokens)
     "tiny": ViT3DConfig(embed_dim=96, depth=4, num_heads=4, pos_grid=(16, 16, 16)),
-    # the paper's smallest backbone (patch 4, embed 180, depth 8, 6 heads): 9.0 M parameters
+    # the paper's smallest backbone (patch 4, embed 180, depth 8, 6 heads)
     "paper": ViT3DConfig(embed_dim=180, depth=8, num_heads=6),
     # wider variants (head dims 72 and 144, divisible by 6 for 3D RoPE)
     "base": ViT3DConfig(embed_dim=432, depth=8, num_heads=6),
@@ -99,9 +104,10 @@ class ViT3D(nn.Module):
         self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, C))
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
-            Block(C, cfg.num_heads, cfg.mlp_hidden, cfg.qkv_bias, cfg.layerscale_init, dpr[i])
+            Block(C, cfg.num_heads, cfg.mlp_hidden, cfg.qkv_bias, cfg.layerscale_init, dpr[i],
+                  mlp_norm=cfg.mlp_norm, attn_norm=cfg.attn_norm, norm_eps=cfg.norm_eps)
             for i in range(cfg.depth))
-        self.norm = nn.LayerNorm(C, eps=1e-6)
+        self.norm = nn.LayerNorm(C, eps=cfg.norm_eps)
         if cfg.use_rope:
             self.register_buffer("rope_freqs", rope_frequencies(cfg.head_dim, cfg.rope_temperature).float(),
                                  persistent=False)
