@@ -304,11 +304,11 @@ def load_official_checkpoint(path: str | Path, *, arch: str | None = None, num_h
 # Backbone loading
 
 
-def _no_weights_error(tried: str) -> DinoregError:
+def _no_weights_error(tried: str, arch: str) -> DinoregError:
     return DinoregError(
-        f"No DINOv2 weights found ({tried}); this machine downloads nothing, so give options['weights'] "
-        f"(CLI: --set weights=...) as a local Hugging Face folder, a hub id already in the local cache, or an "
-        f"official checkpoint such as dinov2_vitl14_reg4_pretrain.pth, or set ${WEIGHTS_ENV}.")
+        f"No DINOv2 weights found ({tried}); give options['weights'] as a local Hugging Face folder, a hub id "
+        f"already in the local cache, or an official checkpoint file such as dinov2_{arch}_pretrain.pth "
+        f"(or set ${WEIGHTS_ENV}), since nothing is downloaded unless allow_download is true.")
 
 
 def load_backbone(cfg: Dinov2SliceConfig) -> torch.nn.Module:
@@ -351,7 +351,7 @@ def _from_pretrained(name: str, cfg: Dinov2SliceConfig, *, local: bool):
         if local:
             raise DinoregError(f"Cannot read the Hugging Face DINOv2 folder {name} ({e}).") from e
         where = f"hub id '{name}' not in the local Hugging Face cache" + (f" {cfg.cache_dir}" if cfg.cache_dir else "")
-        raise _no_weights_error(where) from e
+        raise _no_weights_error(where, cfg.arch or DEFAULT_ARCH) from e
     if config.model_type not in ("dinov2", "dinov2_with_registers"):
         raise DinoregError(f"The model '{name}' is a {config.model_type!r} model, not DINOv2.")
     try:
