@@ -108,10 +108,10 @@ def test_every_k_exact_at_encoded_slices_linear_between(tiny_dir):
     assert (sparse[..., 2] - full[..., 2]).abs().max() > 1e-2
 
 
-def test_interpolate_slices_small_case():
-    enc = torch.tensor([[0.0], [3.0], [5.0]])
-    out = dv.interpolate_slices(enc, [0, 3, 4], 5)
-    torch.testing.assert_close(out[:, 0], torch.tensor([0.0, 1.0, 2.0, 3.0, 5.0]))
+def test_fill_between_slices_small_case():
+    planes = torch.tensor([[0.0], [-9.0], [-9.0], [3.0], [5.0]])
+    dv.fill_between_slices(planes, [0, 3, 4])
+    torch.testing.assert_close(planes[:, 0], torch.tensor([0.0, 1.0, 2.0, 3.0, 5.0]))
 
 
 def test_three_axes_concat_and_mean(tiny_dir):

@@ -405,60 +405,50 @@ def _patch_size(model) -> int:
     return int(p[0] if isinstance(p, (list, tuple)) else p)
 
 
-def encode_slices(model, slices: torch.Tensor, grid: tuple[int, int], *, slice_norm: str = "clip",
-                  batch_size: int = 8, progress: bool = False, desc: str = "dinov2 slices") -> torch.Tensor:
-    """Encode 2D slices (S, na, nb) in [0,1] -> patch-token features (S, C, ta, tb), float32, model's device.
+def encode_slices(model, slices: torch.Tensor, grid: tuple[int, int], *, slice_norm: str = "clip") -> torch.Tensor:
+    """Encode one batch of 2D slices (B, na, nb) in [0,1] -> patch-token features (B, C, ta, tb), float32.
 
-    bf16 autocast is used on CUDA; CPU computes in float32.
+    Runs on the model's device; bf16 autocast on CUDA, float32 on CPU.
     """
     device = next(model.parameters()).device
-    patch = _patch_size(model)
-    prefix = _num_prefix_tokens(model)
-    out = None
-    starts = range(0, slices.shape[0], batch_size)
-    use_amp = device.type == "cuda"
-    with torch.inference_mode():
-        for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
-            x = _prepare_slices(slices[s:s + batch_size].to(device), grid, patch, slice_norm)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                tokens = model(pixel_values=x).last_hidden_state[:, prefix:, :]
-            feat = tokens.float().transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
-            if out is None:
-                out = torch.empty((slices.shape[0], feat.shape[1], grid[0], grid[1]), device=device)
-            out[s:s + x.shape[0]] = feat
-    return out
+    x = _prepare_slices(slices.to(device), grid, _patch_size(model), slice_norm)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        tokens = model(pixel_values=x).last_hidden_state[:, _num_prefix_tokens(model):, :]
+    return tokens.float().transpose(1, 2).reshape(x.shape[0], -1, grid[0], grid[1])
 
 
 def _axis_features(model, volume: torch.Tensor, axis: int, cfg: Dinov2SliceConfig) -> torch.Tensor:
-    """Features along one slice axis: volume (D,H,W) -> (1, C, d, h, w) in the image's axis order."""
+    """Features along one slice axis: volume (D,H,W) -> (1, C, d, h, w) in the image's axis order.
+
+    The result is allocated once; encoded planes are written into it batch by batch and the others are
+    interpolated in place, so peak memory is the output plus one batch of activations.
+    """
     n = volume.shape[axis]
     in_plane = tuple(s for a, s in enumerate(volume.shape) if a != axis)
     grid = token_grid(in_plane, cfg.target_tokens, cfg.keep_aspect)
+    shape = list(grid)
+    shape.insert(axis, n)
+    feat = torch.empty((1, model.config.hidden_size, *shape), device=volume.device)
+    planes = feat[0].movedim(1 + axis, 0)  # (n, C, ta, tb) view into the output
+    slices = volume.movedim(axis, 0)  # (n, na, nb) view
     idx = _encoded_slices(n, cfg.every_k)
-    slices = volume.movedim(axis, 0)[idx]  # (S, na, nb)
-    enc = encode_slices(model, slices, grid, slice_norm=cfg.slice_norm, batch_size=cfg.batch_size,
-                        progress=cfg.progress, desc=f"dinov2 axis {axis}")  # (S, C, ta, tb)
-    stack = interpolate_slices(enc, idx, n)  # (n, C, ta, tb)
-    # (n, C, ta, tb) -> (C, n, ta, tb) -> slice axis back to its place among the three spatial axes
-    feat = stack.transpose(0, 1).movedim(1, 1 + axis)
-    return feat.unsqueeze(0).contiguous()
+    batches = [idx[j:j + cfg.batch_size] for j in range(0, len(idx), cfg.batch_size)]
+    for batch in tqdm(batches, desc=f"dinov2 axis {axis}", disable=not cfg.progress, leave=False):
+        planes[batch] = encode_slices(model, slices[batch], grid, slice_norm=cfg.slice_norm)
+    fill_between_slices(planes, idx)
+    return feat
 
 
-def interpolate_slices(encoded: torch.Tensor, idx: list[int], n: int) -> torch.Tensor:
-    """Fill n planes from planes encoded at sorted indices ``idx`` (first 0, last n-1) by linear interpolation.
+def fill_between_slices(planes: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """In place: planes (n, ...) hold encoded planes at sorted ``idx`` (first 0, last n-1); fill the others.
 
-    encoded: (S, ...) features of slices idx; returns (n, ...): exact at idx, linear in between.
+    Plane i between encoded a < i < b becomes ((b - i) * planes[a] + (i - a) * planes[b]) / (b - a).
     """
-    if len(idx) == n:
-        return encoded
-    out = encoded.new_empty((n, *encoded.shape[1:]))
-    for j in range(len(idx) - 1):
-        a, b = idx[j], idx[j + 1]
-        w = torch.arange(b - a, device=encoded.device, dtype=encoded.dtype) / (b - a)  # 0 at a, <1 before b
-        w = w.view(-1, *([1] * (encoded.dim() - 1)))
-        out[a:b] = (1 - w) * encoded[j] + w * encoded[j + 1]
-    out[n - 1] = encoded[-1]
-    return out
+    for a, b in zip(idx[:-1], idx[1:]):
+        for i in range(a + 1, b):
+            w = (i - a) / (b - a)
+            torch.add(planes[a] * (1.0 - w), planes[b], alpha=w, out=planes[i])
+    return planes
 
 
 def extract_dinov2_features(image: torch.Tensor, *, modality: str = "ct", device=None, options=None,
