@@ -48,6 +48,7 @@ _BUILTIN: dict[str, str] = {
     "intensity": "dinoreg_core.features.intensity",
     "mind": "dinoreg_core.features.mind",
     "dinov2": "dinoreg_core.models.dinov2_slices",
+    "dino3d": "dinoreg_core.features.dino3d",
 }
 
 
