@@ -17,6 +17,7 @@ from .errors import DinoregError
 # One line per subcommand module.
 SUBCOMMANDS = [
     "dinoreg_core.commands.register",
+    "dinoreg_core.commands.data",
 ]
 
 
