@@ -18,6 +18,8 @@ from .errors import DinoregError
 SUBCOMMANDS = [
     "dinoreg_core.commands.register",
     "dinoreg_core.commands.data",
+    "dinoreg_core.commands.demo",
+    "dinoreg_core.commands.pretrain",
 ]
 
 

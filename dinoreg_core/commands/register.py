@@ -1,0 +1,87 @@
+"""``dinoreg register FIXED MOVING ...``: register two NIfTI scans and write the results."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import DinoregError
+from ..features.registry import available_feature_methods
+from .common import print_label_table, print_summary
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "register", help="register a moving scan to a fixed scan",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            "Register MOVING to FIXED with dense features and ConvexAdam (no labels or training needed).\n\n"
+            "Writes into --out: disp.nii.gz (displacement on the fixed grid, (D,H,W,3) in fixed voxels, backward:\n"
+            "warped(x) = moving(x + disp(x)), in the fixed file's own voxel axes), disp_FFFF_MMMM.nii.gz (the same,\n"
+            "Learn2Reg name, when the file names follow the Learn2Reg pattern), warped.nii.gz, warped_labels.nii.gz\n"
+            "(with --moving-labels), metrics.json and config.json. Outputs are in the fixed scan's orientation."),
+        epilog=("examples:\n"
+                "  dinoreg register fixed.nii.gz moving.nii.gz --out result\n"
+                "  dinoreg register ct.nii.gz mr.nii.gz --fixed-labels ct_seg.nii.gz --moving-labels mr_seg.nii.gz \\\n"
+                "      --init affine --label-map mr_label_ids_to_ct_label_ids.json --set lambda_weight=2"))
+    p.add_argument("fixed", help="fixed scan (.nii or .nii.gz)")
+    p.add_argument("moving", help="moving scan (.nii or .nii.gz), warped onto the fixed scan")
+    p.add_argument("--fixed-labels", help="label map of the fixed scan (same grid), for Dice/HD95")
+    p.add_argument("--moving-labels", help="label map of the moving scan (same grid), warped and evaluated")
+    p.add_argument("--label-map", help="JSON mapping moving label ids to fixed label ids "
+                                       "({\"5\": 5} or {\"5\": {\"total_id\": 5}}); unmapped ids are ignored")
+    p.add_argument("--features", default="mind",
+                   help=f"feature method: {', '.join(available_feature_methods())} (default: mind)")
+    p.add_argument("--weights", help="weights file for learned features (dino3d: .safetensors; dinov2: folder, hub id or .pth)")
+    p.add_argument("--init", default="none", choices=["none", "com", "affine"],
+                   help="initial alignment when world coordinates are unrelated: none (trust the headers), com "
+                        "(body centres of mass), affine (MIND translation search + affine fit); default none")
+    p.add_argument("--fixed-modality", choices=["ct", "mr"], help="modality of FIXED (default: guessed from intensities)")
+    p.add_argument("--moving-modality", choices=["ct", "mr"], help="modality of MOVING (default: guessed)")
+    p.add_argument("--out", default="dinoreg_out", help="output folder (created; default: dinoreg_out)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, repeatable: ConvexAdam (grid_sp=6, disp_hw=4, lambda_weight=1.25, "
+                        "iterations=80, grid_sp_adam=2, ic=true, final_smooth=0, lr=1.0), pca_dim=12, seed=0, or a "
+                        "feature option as feat.NAME=VALUE (e.g. feat.mind_r=1 feat.mind_d=2)")
+    p.add_argument("--json", action="store_true", help="print metrics.json to stdout instead of tables")
+    p.set_defaults(func=run)
+
+
+def parse_sets(items) -> list[tuple[str, str]]:
+    out = []
+    for s in items:
+        if "=" not in s:
+            raise DinoregError(f"The setting '{s}' is not of the form KEY=VALUE.")
+        k, v = s.split("=", 1)
+        out.append((k.strip(), v.strip()))
+    return out
+
+
+def run(args) -> int:
+    from ..api import RegisterConfig, register
+    from ..labels import load_mr_to_ct_map
+
+    cfg = RegisterConfig(features=args.features, init=args.init, device=args.device,
+                         fixed_modality=args.fixed_modality, moving_modality=args.moving_modality)
+    if args.weights:
+        cfg.feature_options["weights"] = args.weights
+    for k, v in parse_sets(args.set):
+        cfg.set(k, v)
+    label_map = None
+    if args.label_map:
+        lm = Path(args.label_map)
+        try:
+            label_map = load_mr_to_ct_map(lm)
+        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
+            raise DinoregError(f"The label map {lm} could not be read as a JSON id -> id mapping.") from None
+    res = register(args.fixed, args.moving, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
+                   config=cfg, out_dir=args.out, label_map=label_map)
+    if args.json:
+        print(Path(res.outputs["metrics"]).read_text())
+        return 0
+    if "labels" in res.metrics:
+        print_label_table(res.metrics["labels"])
+    print_summary(res)
+    return 0

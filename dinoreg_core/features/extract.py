@@ -1,0 +1,184 @@
+"""Dense 3D features from a ViT3D backbone: one full-volume pass when it fits a memory budget, else sliding windows.
+
+Input: an image (1,1,D,H,W) float32 normalised to [0,1] (:func:`dinoreg_core.preprocess.normalize_intensity`).
+Output: features (1, C * len(blocks), d, h, w) float32 with d = ceil(D / patch_size) (same for h, w).
+
+Grid alignment. Unless ``fit="pad"``, the image is first resampled (trilinear) to (d*p, h*p, w*p) voxels, the
+nearest multiple of the patch size p at or above its size (a stretch of at most p-1 voxels). Token j then covers
+exactly the fraction [j/d, (j+1)/d) of the image extent, so :func:`dinoreg_core.features.pca.upsample` (trilinear,
+``align_corners=False``) maps the token grid back onto the image grid without a shift. With ``fit="pad"`` the model
+zero-pads at the far end instead and the last token overhangs the image.
+
+Full volume or windows. :func:`estimate_memory_bytes` predicts the peak activation memory of one forward pass
+from the token count, embedding width, MLP width and the number of returned blocks (it assumes a fused
+scaled-dot-product-attention kernel, which PyTorch uses on CPU (float32) and CUDA, so attention costs O(tokens)
+memory; measured on CPU the estimate is within ~1.5x of the RSS increase, see bench/features_dino3d.py).
+When it exceeds ``memory_budget_gb`` the volume is processed in overlapping windows (default: the
+pretraining crop, ``pos_grid * patch_size`` voxels per axis, stride ``(1 - overlap)`` of it) whose token
+features are blended with Gaussian (sigma = window/4) or linear-ramp weights. A window never exceeds the
+budget: it is shrunk (down to 4 tokens per axis) until it fits.
+
+Features are the patch tokens of the chosen blocks after the model's final LayerNorm (block -1 = the last
+block, as the authors use), concatenated along channels in the order given.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import DinoregError
+from ..models.vit3d import ViT3D, ViT3DConfig
+
+
+@dataclass
+class ExtractConfig:
+    """How to compute dense features (see the module docstring)."""
+
+    blocks: tuple = (-1,)              # block indices (negative from the end); features are concatenated
+    memory_budget_gb: float = 4.0      # above this predicted peak, use sliding windows
+    window: tuple | int | None = None  # window size in voxels (None: the pretraining crop pos_grid * patch_size)
+    overlap: float = 0.5               # fraction of the window shared by neighbouring windows (0 <= overlap < 1)
+    blend: str = "gaussian"            # "gaussian" (sigma = window / 4) or "linear" (tent-shaped ramp)
+    fit: str = "resample"              # "resample" the image to a multiple of patch_size, or zero-"pad" it
+    amp: bool = True                   # bf16 autocast on CUDA (CPU always runs float32)
+    progress: bool = True              # tqdm bar over windows
+
+
+@dataclass
+class Plan:
+    """What :func:`extract_features` will do: "full" or "sliding", token grid, window and starts (tokens)."""
+
+    mode: str
+    grid: tuple
+    window: tuple          # window size in tokens
+    starts: list           # window start (tokens) per window, each a (d,h,w) tuple
+    est_bytes: int         # predicted peak bytes of one forward pass (full volume or one window)
+
+
+def estimate_memory_bytes(cfg: ViT3DConfig, grid, n_blocks: int = 1, bytes_per_el: int = 4) -> int:
+    """Predicted peak activation bytes of one no-grad forward pass of ``cfg`` over a token ``grid``.
+
+    T = tokens (+ prefix); per block at most ~8 T*C (residual, norm, qkv, rotated q/k, attention output) plus
+    ~4 T*H (SwiGLU gate, value, product, norm) live at once; the returned block features add n_blocks * T * C;
+    times 1.5 for allocator slack. Assumes a fused attention kernel (no T x T score matrix).
+    """
+    T = math.prod(int(g) for g in grid) + 1 + cfg.num_register_tokens
+    live = T * (8 * cfg.embed_dim + 4 * cfg.mlp_hidden)
+    kept = (n_blocks + 1) * T * cfg.embed_dim
+    return int(1.5 * bytes_per_el * (live + kept))
+
+
+def _window_starts(n: int, win: int, stride: int) -> list[int]:
+    if win >= n:
+        return [0]
+    starts = list(range(0, n - win + 1, stride))
+    if starts[-1] != n - win:
+        starts.append(n - win)
+    return starts
+
+
+def plan_extraction(cfg: ViT3DConfig, image_shape, ecfg: ExtractConfig, bytes_per_el: int = 4) -> Plan:
+    """Decide between one full pass and sliding windows for an image of spatial size ``image_shape`` (D,H,W)."""
+    p = cfg.patch_size
+    grid = tuple(max(1, -(-int(s) // p)) for s in image_shape)
+    nb = len(ecfg.blocks)
+    budget = ecfg.memory_budget_gb * 1024 ** 3
+    full = estimate_memory_bytes(cfg, grid, nb, bytes_per_el)
+    if full <= budget:
+        return Plan("full", grid, grid, [(0, 0, 0)], full)
+    if not 0 <= ecfg.overlap < 1:
+        raise DinoregError(f"Sliding-window overlap must be in [0, 1), got {ecfg.overlap}.")
+    if ecfg.window is None:
+        win = tuple(int(g) for g in cfg.pos_grid)
+    else:
+        w = (ecfg.window,) * 3 if isinstance(ecfg.window, int) else tuple(ecfg.window)
+        win = tuple(max(1, -(-int(s) // p)) for s in w)
+    win = tuple(min(a, g) for a, g in zip(win, grid))
+    while estimate_memory_bytes(cfg, win, nb, bytes_per_el) > budget and max(win) > 4:
+        win = tuple(max(4, min(a, (a * 3) // 4)) if a == max(win) else a for a in win)
+        win = tuple(min(a, g) for a, g in zip(win, grid))
+    est = estimate_memory_bytes(cfg, win, nb, bytes_per_el)
+    if est > budget:
+        raise DinoregError(f"Even a {win} token window needs about {est / 1024 ** 3:.2f} GB, more than the "
+                           f"memory budget of {ecfg.memory_budget_gb} GB; raise memory_budget_gb.")
+    strides = [max(1, int(round(a * (1 - ecfg.overlap)))) for a in win]
+    axes = [_window_starts(g, a, s) for g, a, s in zip(grid, win, strides)]
+    return Plan("sliding", grid, win, list(itertools.product(*axes)), est)
+
+
+def blend_weights(window, kind: str = "gaussian", device=None) -> torch.Tensor:
+    """Blending weights (d,h,w) over a window of tokens, maximal in the centre, strictly positive at the rim."""
+    ws = []
+    for n in window:
+        c = (torch.arange(n, dtype=torch.float32, device=device) + 0.5) / n - 0.5   # -0.5..0.5
+        if kind == "gaussian":
+            w = torch.exp(-0.5 * (c / 0.25) ** 2)        # sigma = window / 4
+        elif kind == "linear":
+            w = 1.0 - 2.0 * c.abs()                       # tent: 1 at the centre, 1/n at the rim
+        else:
+            raise DinoregError(f"Unknown blend '{kind}'; use 'gaussian' or 'linear'.")
+        ws.append(w.clamp_min(1e-3))
+    return ws[0][:, None, None] * ws[1][None, :, None] * ws[2][None, None, :]
+
+
+def _forward_blocks(model: ViT3D, x: torch.Tensor, blocks, amp: bool) -> torch.Tensor:
+    """Patch-token features (1, C*len(blocks), d, h, w) float32 of one forward pass."""
+    use_amp = amp and x.device.type == "cuda"
+    with torch.no_grad(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        out = model(x, return_blocks=list(blocks))
+    return torch.cat([out["blocks"][b].float() for b in blocks], dim=1)
+
+
+def prepare_image(image: torch.Tensor, patch_size: int, fit: str = "resample") -> torch.Tensor:
+    """(1,1,D,H,W) -> the network input: resampled to multiples of ``patch_size`` ("resample") or unchanged ("pad")."""
+    if fit == "pad":
+        return image
+    if fit != "resample":
+        raise DinoregError(f"Unknown fit '{fit}'; use 'resample' or 'pad'.")
+    size = tuple(max(1, -(-int(s) // patch_size)) * patch_size for s in image.shape[2:])
+    if size == tuple(image.shape[2:]):
+        return image
+    return F.interpolate(image, size=size, mode="trilinear", align_corners=False)
+
+
+def extract_features(model: ViT3D, image: torch.Tensor, ecfg: ExtractConfig | None = None,
+                     device=None) -> torch.Tensor:
+    """Dense features (1, C*len(blocks), d, h, w) float32 of ``image`` (1,1,D,H,W) on ``device``.
+
+    Uses one full-volume pass or Gaussian/linear-blended sliding windows, as :func:`plan_extraction` decides.
+    """
+    ecfg = ecfg or ExtractConfig()
+    if image.ndim != 5 or image.shape[0] != 1 or image.shape[1] != model.cfg.in_chans:
+        raise DinoregError(f"Expected an image of shape (1,{model.cfg.in_chans},D,H,W), got {tuple(image.shape)}.")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    for b in ecfg.blocks:
+        if not -model.cfg.depth <= int(b) < model.cfg.depth:
+            raise DinoregError(f"Block index {b} is out of range for a backbone of depth {model.cfg.depth}.")
+    x = prepare_image(image.to(device, torch.float32), model.cfg.patch_size, ecfg.fit)
+    bpe = 2 if (ecfg.amp and device.type == "cuda") else 4
+    plan = plan_extraction(model.cfg, x.shape[2:], ecfg, bytes_per_el=bpe)
+    if plan.mode == "full":
+        return _forward_blocks(model, x, ecfg.blocks, ecfg.amp)
+
+    p = model.cfg.patch_size
+    C = model.cfg.embed_dim * len(ecfg.blocks)
+    acc = torch.zeros((1, C) + plan.grid, device=device)
+    wsum = torch.zeros(plan.grid, device=device)
+    wts = blend_weights(plan.window, ecfg.blend, device)
+    bar = tqdm(plan.starts, desc="dino3d windows", disable=not ecfg.progress or len(plan.starts) < 2, leave=False)
+    for s in bar:
+        vox = tuple(slice(a * p, (a + n) * p) for a, n in zip(s, plan.window))
+        f = _forward_blocks(model, x[(slice(None), slice(None)) + vox], ecfg.blocks, ecfg.amp)
+        # a window at the far end of a padded ("pad" fit) volume may have fewer voxels than window * p
+        n_t = f.shape[2:]
+        tok = tuple(slice(a, a + n) for a, n in zip(s, n_t))
+        w = wts[: n_t[0], : n_t[1], : n_t[2]]
+        acc[(slice(None), slice(None)) + tok] += f * w
+        wsum[tok] += w
+    return acc / wsum

@@ -1,0 +1,562 @@
+"""DINO + iBOT + KoLeo pretraining of the 3D ViT: the whole training loop, top to bottom.
+
+Run it through the CLI (``dinoreg pretrain --config cfg.json --data DIR --out RUN_DIR``) or call :func:`train`.
+The same code runs on one process or many: ``torchrun --nproc_per_node N -m dinoreg_core.cli pretrain ...``
+(gloo on CPU, NCCL on CUDA; see :mod:`dinoreg_core.ssl.dist`). ``batch_size`` is the *global* batch.
+
+What one step does:
+
+1. schedules: lr (warm-up + cosine, layer-wise decayed per parameter group), weight decay (cosine), teacher
+   momentum (cosine 0.992 -> 0.998), teacher temperature (warm-up 0.04 -> 0.07), prototypes frozen early on;
+2. teacher (no gradient) on the clean global crops -> cls targets (centering or Sinkhorn-Knopp) and patch
+   targets at the masked tokens;
+3. student on the augmented, flipped, masked global crops and the local crops -> DINO loss (cls, cross-view),
+   iBOT loss (masked patches, flipped back onto the teacher's grid), KoLeo (spread of the global cls tokens);
+4. backward, gradient all-reduce (several processes), clipping, AdamW step;
+5. teacher <- EMA of the student; centers <- EMA of the teacher outputs;
+6. log (CSV, TensorBoard when installed, tqdm), checkpoint every ``ckpt_every`` steps (atomic).
+
+At the end the teacher backbone is exported with :func:`dinoreg_core.models.checkpoint.save_backbone`
+(``RUN_DIR/teacher_backbone.safetensors`` + ``.json`` with provenance).
+
+Run folder: ``config.json`` (resolved config), ``checkpoint.pt`` (latest; ``torch.load(weights_only=True)``
+safe: RNG states are stored as tensors), ``log.csv``, ``teacher_backbone.*``.
+
+Exact resume: every random choice of the data is a pure function of (seed, global sample index) and every
+schedule a pure function of the step; the checkpoint holds student, teacher, centers, optimiser, grad scaler,
+the RNG states (python, numpy, torch, CUDA) of every process and the number of samples consumed. On CPU a
+resumed run reproduces an uninterrupted one bit for bit.
+
+Collapse monitors in the log: ``teacher_entropy`` (mean entropy of the teacher's cls targets, nats; near
+log K = uniform collapse), ``teacher_marginal_entropy`` (entropy of their batch mean; near 0 = all samples on
+one prototype), ``cls_std`` and ``patch_std`` (standard deviation of the L2-normalised teacher cls tokens over
+the batch, and of the patch tokens over each view, times sqrt(C): about 1 for well spread features, 0 for
+collapse).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_path, write_json_atomic
+from ..data.augment import AugmentConfig
+from ..errors import DinoregError
+from ..models.vit3d import CONFIGS, ViT3D, ViT3DConfig
+from . import dist as D
+from .data import MaskConfig, PretrainViews, StepBatchSampler, VolumeSource, collate_views, sample_seed
+from .heads import DINOHead, cancel_last_layer_grads
+from .losses import Center, dino_cls_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
+from .meta import SSLNet
+from .schedules import cosine, warmup_constant, warmup_cosine
+
+LOG_FIELDS = ["step", "samples", "loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "weight_decay", "momentum",
+              "teacher_temp", "grad_norm", "teacher_entropy", "teacher_marginal_entropy", "cls_std", "patch_std",
+              "mask_ratio", "sec_per_step"]
+
+
+@dataclass
+class PretrainConfig:
+    """Every knob of a pretraining run (defaults: the paper's settings on the "paper" backbone where known)."""
+
+    # backbone
+    model: str = "paper"                       # name in dinoreg_core.models.vit3d.CONFIGS
+    model_overrides: dict = field(default_factory=dict)  # ViT3DConfig fields to change, e.g. {"depth": 2}
+    drop_path_rate: float = 0.0                # student stochastic depth (teacher: none)
+    grad_checkpointing: bool = False           # recompute block activations in backward (saves memory)
+    # projection heads
+    head_out_dim: int = 8192                   # DINO prototypes K (paper: 8192)
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_layers: int = 3
+    ibot_separate_head: bool = False           # a second head for the patch tokens (else shared with cls)
+    freeze_last_layer_steps: int = 100         # prototypes frozen for these first steps
+    # losses
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0                   # paper: 1.0
+    koleo_weight: float = 0.1                  # paper: 0.1
+    centering: str = "center"                  # "center" (running mean) or "sinkhorn" (Sinkhorn-Knopp, 3 iters)
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp_start: float = 0.04
+    teacher_temp_end: float = 0.07
+    teacher_temp_warmup_steps: int = 1000
+    momentum_start: float = 0.992              # teacher EMA momentum, cosine to momentum_end
+    momentum_end: float = 0.998
+    # iBOT masking of the global views
+    mask_ratio_min: float = 0.4
+    mask_ratio_max: float = 0.7
+    mask_probability: float = 0.5              # fraction of global views that are masked
+    # views (crop sizes must be multiples of the patch size)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # data
+    spacing_mm: float = 2.0                    # resampling of NIfTI / dataset sources (corpus volumes: as cached)
+    cache_volumes: int = 64                    # volumes kept in memory per data process
+    num_workers: int = 0                       # DataLoader worker processes (0: views made in the main process)
+    # optimisation
+    steps: int = 10000
+    batch_size: int = 8                        # global batch (samples per step, over all processes)
+    lr: float = 5e-4                           # peak learning rate (after warm-up)
+    min_lr: float = 1e-6
+    warmup_steps: int = 500
+    weight_decay: float = 0.04                 # cosine to weight_decay_end
+    weight_decay_end: float = 0.2
+    layer_decay: float = 0.9                   # lr of block i scaled by layer_decay ** (depth - i)
+    clip_grad: float = 3.0                     # max gradient norm (0: no clipping)
+    betas: tuple = (0.9, 0.999)
+    amp: str = "auto"                          # "auto" (bf16 on CUDA, none on CPU), "bf16", "fp16", "none"
+    # run
+    seed: int = 0
+    device: str = "auto"                       # "auto", "cpu", "cuda"
+    threads: int = 0                           # torch CPU threads per process (0: torch's default)
+    ckpt_every: int = 500                      # steps between checkpoints (the last step always saves)
+    log_every: int = 10                        # steps between log rows
+    stop_at: int = 0                           # >0: stop after this step (with a checkpoint), e.g. time-sliced jobs
+    progress: bool = True                      # tqdm bar
+
+    def check(self) -> None:
+        """Raise DinoregError (one sentence) on an inconsistent setting."""
+        if self.model not in CONFIGS:
+            raise DinoregError(f"Unknown model '{self.model}'; choose one of {', '.join(CONFIGS)}.")
+        p = self.model_config().patch_size
+        a = self.augment
+        for name, size in (("augment.global_size", a.global_size), ("augment.local_size", a.local_size)):
+            if size < p or size % p:
+                raise DinoregError(f"The crop size {name}={size} must be a positive multiple of the patch size {p}.")
+        if a.n_global < 2:
+            raise DinoregError(f"augment.n_global={a.n_global}: the DINO loss needs at least 2 global crops.")
+        if self.centering not in ("center", "sinkhorn"):
+            raise DinoregError(f"centering='{self.centering}' is not known; use 'center' or 'sinkhorn'.")
+        if self.amp not in ("auto", "bf16", "fp16", "none"):
+            raise DinoregError(f"amp='{self.amp}' is not known; use auto, bf16, fp16 or none.")
+        if self.steps < 1 or self.batch_size < 1:
+            raise DinoregError(f"steps={self.steps} and batch_size={self.batch_size} must both be at least 1.")
+        if not 0.0 <= self.mask_ratio_min <= self.mask_ratio_max <= 1.0:
+            raise DinoregError(f"The mask ratios {self.mask_ratio_min}..{self.mask_ratio_max} must lie in [0, 1].")
+
+    def model_config(self) -> ViT3DConfig:
+        base = CONFIGS[self.model]
+        known = {f.name for f in fields(ViT3DConfig)}
+        bad = sorted(set(self.model_overrides) - known)
+        if bad:
+            raise DinoregError(f"model_overrides has unknown ViT3DConfig field '{bad[0]}'.")
+        return replace(base, **self.model_overrides)
+
+
+# ------------------------------------------------------------------------------------------ config files
+
+def _coerce(value, default, name: str):
+    """Convert a JSON / command-line value to the type of the field's default."""
+    if is_dataclass(default):
+        if not isinstance(value, dict):
+            raise DinoregError(f"The config value '{name}' must be an object with the fields of {type(default).__name__}.")
+        return _from_dict(type(default), value, prefix=name + ".")
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise DinoregError(f"The config value {name}={value!r} must be true or false.")
+        return value
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise DinoregError(f"The config value {name}={value!r} must be a list.")
+        return tuple(_coerce(v, default[0], name) if default else v for v in value)
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            raise DinoregError(f"The config value {name}={value!r} must be a number.") from None
+        if isinstance(default, int):
+            if v != int(v):
+                raise DinoregError(f"The config value {name}={value!r} must be an integer.")
+            return int(v)
+        return v
+    if isinstance(default, dict) and not isinstance(value, dict):
+        raise DinoregError(f"The config value '{name}' must be an object.")
+    return value
+
+
+def _from_dict(cls, d: dict, prefix: str = ""):
+    defaults = cls()
+    known = {f.name for f in fields(cls)}
+    for k in d:
+        if k not in known:
+            raise DinoregError(f"Unknown config key '{prefix}{k}' (known: {', '.join(sorted(known))}).")
+    return cls(**{k: _coerce(v, getattr(defaults, k), prefix + k) for k, v in d.items()})
+
+
+def config_to_dict(cfg: PretrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PretrainConfig:
+    """A :class:`PretrainConfig` from a JSON (or YAML, with PyYAML installed) file and ``key=value`` overrides.
+
+    Override keys may be dotted for nested fields (``augment.global_size=32``); values are parsed as JSON
+    where possible (``true``, ``[1,2]``, ``{"depth": 2}``), else taken as strings.
+    """
+    d: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise DinoregError(f"The config file {p} does not exist.")
+        text = p.read_text(encoding="utf-8")
+        try:
+            if p.suffix.lower() in (".yaml", ".yml"):
+                try:
+                    import yaml
+                except ImportError:
+                    raise DinoregError(f"The config file {p} is YAML but PyYAML is not installed; use JSON or "
+                                       f"'pip install pyyaml'.") from None
+                d = yaml.safe_load(text) or {}
+            else:
+                d = json.loads(text)
+        except (json.JSONDecodeError, ValueError) as e:
+            raise DinoregError(f"The config file {p} could not be parsed ({e}).") from None
+        if not isinstance(d, dict):
+            raise DinoregError(f"The config file {p} must hold one object of settings.")
+    for item in overrides or []:
+        if "=" not in item:
+            raise DinoregError(f"The override '{item}' is not of the form key=value.")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = d
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise DinoregError(f"The override '{key}' addresses a field inside a non-object value.")
+        node[parts[-1]] = value
+    cfg = _from_dict(PretrainConfig, d)
+    cfg.check()
+    return cfg
+
+
+# -------------------------------------------------------------------------------------------- building blocks
+
+def build_net(cfg: PretrainConfig, vit_cfg: ViT3DConfig) -> SSLNet:
+    """Backbone + DINO head (+ separate iBOT head)."""
+    C = vit_cfg.embed_dim
+
+    def head():
+        return DINOHead(C, cfg.head_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_layers)
+
+    return SSLNet(ViT3D(vit_cfg), head(), head() if cfg.ibot_separate_head else None)
+
+
+def param_groups(net: SSLNet, layer_decay: float) -> list[dict]:
+    """AdamW groups: layer-wise lr decay, no weight decay on biases/norms/tokens/position embeddings.
+
+    Layer ids: tokens, position embeddings and patch embedding 0; block i -> i+1; final norm and heads depth+1.
+    Each group carries "lr_scale", "wd_scale" and "last_layer" (the prototypes, frozen early on).
+    """
+    depth = net.backbone.cfg.depth
+    groups: dict = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        elif name.startswith("backbone.") and not name.startswith("backbone.norm."):
+            layer = 0
+        else:
+            layer = depth + 1
+        lr_scale = layer_decay ** (depth + 1 - layer)
+        wd_scale = 0.0 if (p.ndim <= 1 or name.endswith(("token", "tokens", "pos_embed"))) else 1.0
+        last = name.endswith("prototypes")
+        key = (layer, wd_scale, last)
+        g = groups.setdefault(key, {"params": [], "lr_scale": lr_scale, "wd_scale": wd_scale, "last_layer": last})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """This process's RNG states as tensors and numbers (loadable with weights_only=True)."""
+    py = random.getstate()
+    npy = np.random.get_state()
+    st = {"python": torch.tensor(py[1], dtype=torch.int64), "python_version": int(py[0]),
+          "python_gauss": py[2], "numpy": torch.from_numpy(npy[1].astype(np.int64)), "numpy_pos": int(npy[2]),
+          "numpy_has_gauss": int(npy[3]), "numpy_gauss": float(npy[4]), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    random.setstate((st["python_version"], tuple(int(v) for v in st["python"].tolist()), st["python_gauss"]))
+    np.random.set_state(("MT19937", st["numpy"].numpy().astype(np.uint32), st["numpy_pos"], st["numpy_has_gauss"],
+                         st["numpy_gauss"]))
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of each row of a probability matrix (M,K) -> (M,)."""
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+
+
+def spread(x: torch.Tensor, dim: int) -> float:
+    """std along ``dim`` of L2-normalised features, averaged over channels, times sqrt(C) (1 = isotropic, 0 = collapse)."""
+    x = F.normalize(x.float(), dim=-1)
+    return float(x.std(dim=dim).mean() * math.sqrt(x.shape[-1]))
+
+
+class CsvLog:
+    """Append-only CSV log; on resume rows after the resumed step are dropped (they were not checkpointed)."""
+
+    def __init__(self, path: Path, start_step: int):
+        self.path = path
+        rows = []
+        if start_step > 0 and path.is_file():
+            with path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= start_step]
+        with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step + 1)
+        except Exception:  # noqa: BLE001 - TensorBoard is optional
+            self.tb = None
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=LOG_FIELDS).writerow({k: row.get(k, "") for k in LOG_FIELDS})
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise DinoregError("device='cuda' was requested but no CUDA device is available.")
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+
+def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, *, resume: bool = False) -> dict:
+    """Pretrain (or resume) into the run folder ``out``; returns a summary dict (rank 0: with the export path)."""
+    cfg.check()
+    out = Path(out)
+    ckpt_path = out / "checkpoint.pt"
+
+    # ---- processes, device, precision, seeds
+    rank, world, local_rank = D.init()
+    master = rank == 0
+    device = pick_device(cfg.device, local_rank)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    amp = cfg.amp if cfg.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[amp]
+    if cfg.batch_size % world:
+        raise DinoregError(f"batch_size={cfg.batch_size} is not divisible by the {world} processes.")
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        if ckpt_path.exists() and not resume:
+            raise DinoregError(f"The run folder {out} already holds a checkpoint; pass --resume to continue it or "
+                               f"choose another --out.")
+        write_json_atomic(out / "config.json", config_to_dict(cfg))
+    D.barrier()
+    seed_everything(cfg.seed)                     # the same initial weights on every process
+
+    # ---- data: global sample index -> views (pure function of (seed, index))
+    vit_cfg = cfg.model_config()
+    source = VolumeSource(data, spacing_mm=cfg.spacing_mm)
+    masks_cfg = MaskConfig(cfg.mask_ratio_min, cfg.mask_ratio_max, cfg.mask_probability)
+    dataset = PretrainViews(source, cfg.augment, masks_cfg, vit_cfg.patch_size, cfg.seed, cfg.cache_volumes)
+
+    # ---- student, teacher (EMA copy, no gradients), centers, optimiser, grad scaler
+    student = build_net(cfg, replace(vit_cfg, drop_path_rate=cfg.drop_path_rate)).to(device)
+    student.backbone.set_grad_checkpointing(cfg.grad_checkpointing)
+    D.broadcast_module_(student)
+    teacher = build_net(cfg, vit_cfg).to(device)
+    teacher.load_state_dict(student.state_dict())
+    teacher.eval().requires_grad_(False)
+    dino_center = Center(cfg.head_out_dim, cfg.center_momentum).to(device)
+    ibot_center = Center(student.patch_head.out_dim, cfg.center_momentum).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student, cfg.layer_decay), lr=0.0, betas=tuple(cfg.betas))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    torch.manual_seed(sample_seed(cfg.seed, rank, salt=2))   # per-process stream (drop path)
+
+    # ---- resume
+    step, samples = 0, 0
+    if resume and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        student.load_state_dict(ck["student"])
+        teacher.load_state_dict(ck["teacher"])
+        dino_center.load_state_dict(ck["dino_center"])
+        ibot_center.load_state_dict(ck["ibot_center"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scaler.load_state_dict(ck["scaler"])
+        step, samples = int(ck["step"]), int(ck["samples"])
+        if len(ck["rng"]) == world:
+            set_rng_state(ck["rng"][rank])
+        if master:
+            print(f"dinoreg pretrain: resumed {ckpt_path} at step {step}", file=sys.stderr)
+    elif resume and master:
+        print(f"dinoreg pretrain: no checkpoint in {out}; starting a new run there", file=sys.stderr)
+
+    def save_checkpoint() -> None:
+        rngs = D.gather_objects(rng_state())
+        if master:
+            state = {"step": step, "samples": samples, "world_size": world, "config": config_to_dict(cfg),
+                     "student": student.state_dict(), "teacher": teacher.state_dict(),
+                     "dino_center": dino_center.state_dict(), "ibot_center": ibot_center.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs}
+            with atomic_path(ckpt_path) as tmp:
+                torch.save(state, tmp)
+
+    def targets(logits: torch.Tensor, center: Center, temp: float, weights=None) -> torch.Tensor:
+        if cfg.centering == "sinkhorn":
+            return sinkhorn_knopp(logits, temp, weights=weights, all_reduce=D.all_reduce_ if D.active() else None)
+        return center.probs(logits, temp)
+
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
+    sampler = StepBatchSampler(step, end, cfg.batch_size, rank, world, samples)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_views,
+                                         num_workers=cfg.num_workers)
+    log = CsvLog(out / "log.csv", step) if master else None
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (master and cfg.progress), desc="pretrain", unit="step")
+    G, L = cfg.augment.n_global, cfg.augment.n_local
+    autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+    student.train()
+    t_last, last_row = time.time(), {}
+
+    for batch in loader:
+        # 1. schedules (pure functions of the step)
+        lr = warmup_cosine(step, cfg.steps, cfg.lr, cfg.min_lr, cfg.warmup_steps)
+        wd = cosine(step, cfg.steps, cfg.weight_decay, cfg.weight_decay_end)
+        momentum = cosine(step, cfg.steps, cfg.momentum_start, cfg.momentum_end)
+        teacher_temp = warmup_constant(step, cfg.teacher_temp_warmup_steps, cfg.teacher_temp_start,
+                                       cfg.teacher_temp_end)
+        frozen = step < cfg.freeze_last_layer_steps
+        for g in optimizer.param_groups:
+            g["lr"] = 0.0 if (g["last_layer"] and frozen) else lr * g["lr_scale"]
+            g["weight_decay"] = wd * g["wd_scale"]
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        masks = batch["masks"]                                           # (G*b, N), teacher frame
+        n_masked = masks.sum(1)
+        weights = (1.0 / n_masked.clamp(min=1).float()).repeat_interleave(n_masked)   # per masked token
+
+        # 2. teacher targets
+        with torch.no_grad():
+            with autocast:
+                t = teacher.forward_teacher(batch["teacher_global"], masks)
+            t_cls = targets(t["cls_logits"], dino_center, teacher_temp)
+            t_patch = targets(t["masked_logits"], ibot_center, teacher_temp, weights)
+
+        # 3. student and losses
+        with autocast:
+            s = student(batch["student_global"], masks, batch["student_flips"], batch["local"])
+        student_views = list(s["cls_logits"].chunk(G)) + (list(s["local_cls_logits"].chunk(L)) if L else [])
+        dino = dino_cls_loss(student_views, list(t_cls.chunk(G)), cfg.student_temp)
+        ibot = ibot_patch_loss(s["masked_logits"], t_patch, weights, masks.shape[0], cfg.student_temp)
+        b = masks.shape[0] // G
+        koleo = sum(koleo_loss(c, D.all_gather_grad, offset=rank * b) for c in s["cls"].chunk(G))
+        loss = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
+
+        # 4. backward, gradient average over processes, clipping, optimiser step
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        D.all_reduce_grads(student.parameters())
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else 1e30)
+        if frozen:
+            for h in student.heads():
+                cancel_last_layer_grads(h)
+        scaler.step(optimizer)
+        scaler.update()
+
+        # 5. teacher = EMA of the student; centers = EMA of the teacher outputs
+        with torch.no_grad():
+            for p_t, p_s in zip(teacher.parameters(), student.parameters()):
+                p_t.lerp_(p_s.detach(), 1.0 - momentum)
+            if cfg.centering == "center":
+                dino_center.update(D.all_reduce_(t["cls_logits"].float().mean(0), "mean"))
+                patch_sum = D.all_reduce_(torch.cat([t["masked_logits"].float().sum(0),
+                                                     n_masked.sum().float()[None]]), "sum")
+                if patch_sum[-1] > 0:
+                    ibot_center.update(patch_sum[:-1] / patch_sum[-1])
+        step += 1
+        samples += cfg.batch_size
+
+        # 6. log and checkpoint
+        if step % cfg.log_every == 0 or step == end:
+            with torch.no_grad():
+                stats = torch.tensor([loss.item(), float(dino), float(ibot), float(koleo),
+                                      float(entropy(t_cls).mean()), float(entropy(t_cls.mean(0, keepdim=True))),
+                                      spread(t["cls"], 0), spread(t["patch_tokens"], 1),
+                                      float(n_masked.float().mean() / masks.shape[1])], dtype=torch.float64)
+            D.all_reduce_(stats, "mean")
+            now = time.time()
+            last_row = dict(zip(["loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy",
+                                 "teacher_marginal_entropy", "cls_std", "patch_std", "mask_ratio"], stats.tolist()))
+            last_row.update(step=step, samples=samples, lr=lr, weight_decay=wd, momentum=momentum,
+                            teacher_temp=teacher_temp, grad_norm=float(grad_norm),
+                            sec_per_step=(now - t_last) / cfg.log_every)
+            t_last = now
+            if master:
+                log.write(last_row)
+                bar.set_postfix(loss=f"{last_row['loss']:.3f}", H_t=f"{last_row['teacher_entropy']:.2f}")
+        bar.update(1)
+        if step % cfg.ckpt_every == 0 or step == end:
+            save_checkpoint()
+    bar.close()
+
+    # ---- export the teacher backbone
+    result = {"run_dir": str(out), "step": step, "samples": samples, "world_size": world, "last": last_row}
+    if step >= cfg.steps and master:
+        from ..models.checkpoint import save_backbone
+
+        prov = {"data": source.describe(), "steps": step, "samples": samples, "seed": cfg.seed,
+                "world_size": world, "run_dir": str(out.resolve()), "pretrain_config": config_to_dict(cfg),
+                "final_log": last_row}
+        result["export"] = str(save_backbone(teacher.backbone, vit_cfg, out / "teacher_backbone", prov))
+    if log is not None:
+        log.close()
+    D.barrier()
+    return result
+
+
+if __name__ == "__main__":  # python -m dinoreg_core.ssl.train --data DIR --out RUN_DIR [...]
+    from ..commands.pretrain import main
+
+    sys.exit(main())
