@@ -1,0 +1,115 @@
+"""Dense feature extraction: full volume vs sliding windows, memory-budget fallback, blocks, grid alignment."""
+
+import pytest
+import torch
+
+from dinoreg_core.errors import DinoregError
+from dinoreg_core.features.extract import (ExtractConfig, blend_weights, estimate_memory_bytes, extract_features,
+                                           plan_extraction, prepare_image)
+from dinoreg_core.models.vit3d import ViT3D, ViT3DConfig
+
+CFG = ViT3DConfig(embed_dim=48, depth=2, num_heads=4, pos_grid=(8, 8, 8))
+# about 3 MB: too small for the 16^3-token volume (~30 MB predicted), enough for one 8^3-token window
+SMALL_BUDGET = 0.003
+
+
+def _model(seed=0, cfg=CFG):
+    torch.manual_seed(seed)
+    return ViT3D(cfg).eval()
+
+
+def _per_token_model():
+    """Each token sees only its own patch: no position embedding, attention and MLP branches scaled to zero."""
+    m = _model()
+    with torch.no_grad():
+        m.pos_embed.zero_()
+        for b in m.blocks:
+            b.ls1.gamma.zero_()
+    return m
+
+
+def test_memory_estimate_grows_with_tokens_and_blocks():
+    a = estimate_memory_bytes(CFG, (8, 8, 8))
+    b = estimate_memory_bytes(CFG, (16, 16, 16))
+    assert 7.5 < b / a < 8.1
+    assert estimate_memory_bytes(CFG, (8, 8, 8), n_blocks=3) > a
+
+
+def test_too_large_volume_falls_back_to_sliding_windows():
+    e = ExtractConfig(memory_budget_gb=SMALL_BUDGET, progress=False)
+    plan = plan_extraction(CFG, (64, 64, 64), e)
+    assert plan.mode == "sliding" and plan.window == (8, 8, 8)
+    assert len(plan.starts) == 27 and plan.est_bytes <= SMALL_BUDGET * 1024 ** 3
+    assert plan_extraction(CFG, (64, 64, 64), ExtractConfig(memory_budget_gb=4.0)).mode == "full"
+    # every token is covered by some window
+    cover = torch.zeros(16, 16, 16, dtype=torch.bool)
+    for s in plan.starts:
+        cover[s[0]:s[0] + 8, s[1]:s[1] + 8, s[2]:s[2] + 8] = True
+    assert cover.all()
+    # a budget that cannot hold even a small window is a clear error
+    with pytest.raises(DinoregError, match="raise memory_budget_gb"):
+        plan_extraction(CFG, (64, 64, 64), ExtractConfig(memory_budget_gb=1e-6))
+
+
+def test_sliding_windows_equal_full_volume_for_a_model_without_global_dependence():
+    m = _per_token_model()
+    x = torch.rand(1, 1, 64, 60, 52)
+    assert plan_extraction(CFG, (64, 60, 52), ExtractConfig(memory_budget_gb=SMALL_BUDGET)).mode == "sliding"
+    full = extract_features(m, x, ExtractConfig(progress=False))
+    win = extract_features(m, x, ExtractConfig(memory_budget_gb=SMALL_BUDGET, progress=False))
+    assert full.shape == win.shape == (1, 48, 16, 15, 13)
+    torch.testing.assert_close(win, full, rtol=1e-5, atol=1e-5)
+
+
+def test_sliding_windows_close_to_full_volume_in_the_interior_for_a_random_vit():
+    """Measured: relative L2 difference 2.2-2.4 %, cosine >= 0.9989 (3 seeds); asserted with margin."""
+    m = _model(seed=1)
+    x = torch.rand(1, 1, 64, 64, 64)
+    full = extract_features(m, x, ExtractConfig(progress=False))
+    win = extract_features(m, x, ExtractConfig(memory_budget_gb=SMALL_BUDGET, progress=False))
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    rel = ((win - full)[inner].norm() / full[inner].norm()).item()
+    cos = torch.nn.functional.cosine_similarity(win[inner], full[inner], dim=1)
+    assert rel < 0.04, rel
+    assert cos.min() > 0.995
+    # and the windows really differ from the full pass (global attention), so the check is not vacuous
+    assert rel > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "linear"])
+def test_blend_weights_peak_in_centre_and_stay_positive(kind):
+    w = blend_weights((8, 6, 5), kind)
+    assert w.shape == (8, 6, 5) and (w > 0).all()
+    assert w[3:5, 2:4, 2].min() > w[0, 0, 0] * 5
+    with pytest.raises(DinoregError):
+        blend_weights((4, 4, 4), "box")
+
+
+def test_block_selection_and_concatenation():
+    m = _model()
+    x = torch.rand(1, 1, 32, 32, 32)
+    last = extract_features(m, x, ExtractConfig(progress=False))
+    both = extract_features(m, x, ExtractConfig(blocks=(0, -1), progress=False))
+    assert both.shape == (1, 96, 8, 8, 8)
+    torch.testing.assert_close(both[:, 48:], last)
+    assert (both[:, :48] - last).abs().max() > 1e-3
+    with pytest.raises(DinoregError, match="out of range"):
+        extract_features(m, x, ExtractConfig(blocks=(5,)))
+    with pytest.raises(DinoregError, match=r"shape \(1,1,D,H,W\)"):
+        extract_features(m, torch.rand(1, 32, 32, 32))
+
+
+def test_grid_fit_resample_vs_pad():
+    x = torch.rand(1, 1, 30, 29, 16)
+    r = prepare_image(x, 4, "resample")
+    assert r.shape[2:] == (32, 32, 16)
+    assert prepare_image(torch.rand(1, 1, 32, 32, 16), 4, "resample").shape[2:] == (32, 32, 16)
+    assert prepare_image(x, 4, "pad") is x
+    m = _model()
+    f_res = extract_features(m, x, ExtractConfig(progress=False))
+    f_pad = extract_features(m, x, ExtractConfig(fit="pad", progress=False))
+    assert f_res.shape == f_pad.shape == (1, 48, 8, 8, 4)
+    # a volume already on the patch lattice is identical either way
+    y = torch.rand(1, 1, 32, 32, 16)
+    torch.testing.assert_close(extract_features(m, y, ExtractConfig(progress=False)),
+                               extract_features(m, y, ExtractConfig(fit="pad", progress=False)))
