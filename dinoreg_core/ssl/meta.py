@@ -65,13 +65,13 @@ class SSLNet(nn.Module):
 
         Returns:
             dict: "cls" (G*B, C) backbone cls of the global views, "cls_logits" (G*B, K),
-            "local_cls_logits" (L*B, K) (empty when no local views), "masked_logits" (M, K_patch) at the masked
-            tokens (teacher frame and order).
+            "local_cls_logits" (L*B, K) (empty when no local views), "patch_tokens" (G*B, N, C) flipped back into
+            the teacher's frame, "masked_logits" (M, K_patch) at the masked tokens (teacher frame and order).
         """
         grid = self._grid(views)
         out = self.backbone(views, masks=flip_tokens(masks, grid, flips))
         patches = flip_tokens(out["patch_tokens"], grid, flips)        # back into the teacher's frame
-        res = {"cls": out["cls"], "cls_logits": self.dino_head(out["cls"]),
+        res = {"cls": out["cls"], "cls_logits": self.dino_head(out["cls"]), "patch_tokens": patches,
                "masked_logits": self.patch_head(patches[masks])}
         if local_views is not None and local_views.shape[0] > 0:
             res["local_cls_logits"] = self.dino_head(self.backbone(local_views)["cls"])
