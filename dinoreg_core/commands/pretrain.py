@@ -49,13 +49,19 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..ssl import dist
     from ..ssl.train import load_config, train
 
     out = Path(args.out)
     cfg_path = resolve_config_path(args.config, out, args.resume)
     overrides = list(args.set) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(cfg_path, overrides)
-    res = train(cfg, args.data, out, resume=args.resume)
+    try:
+        res = train(cfg, args.data, out, resume=args.resume)
+    finally:
+        dist.cleanup()
+    if res["rank"] != 0:
+        return 0
     if "export" in res:
         print(f"exported teacher backbone: {res['export']}")
     else:

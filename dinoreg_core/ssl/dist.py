@@ -66,13 +66,30 @@ def all_reduce_grads(params) -> None:
         i += n
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient of the gathered tensor over processes and keeps one's own rows."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        r = dist.get_rank()
+        return grad[r * ctx.rows:(r + 1) * ctx.rows]
+
+
 def all_gather_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` (B, ...) of every process along dim 0, differentiably (gradients go back to their owner)."""
+    """Concatenate ``x`` (B, ...) of every process (same B on each) along dim 0, differentiably: the gradient
+    of every copy flows back to the process that owns the rows."""
     if not active():
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_objects(obj) -> list:

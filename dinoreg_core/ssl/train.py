@@ -29,7 +29,8 @@ resumed run reproduces an uninterrupted one bit for bit.
 
 Collapse monitors in the log: ``teacher_entropy`` (mean entropy of the teacher's cls targets, nats; near
 log K = uniform collapse), ``teacher_marginal_entropy`` (entropy of their batch mean; near 0 = all samples on
-one prototype), ``cls_std`` and ``patch_std`` (standard deviation of the L2-normalised teacher cls tokens over
+one prototype; equal to ``teacher_entropy`` = every sample gets the same target), the same two for the patch
+targets at the masked tokens (``patch_entropy``, ``patch_marginal_entropy``), ``cls_std`` and ``patch_std`` (standard deviation of the L2-normalised teacher cls tokens over
 the batch, and of the patch tokens over each view, times sqrt(C): about 1 for well spread features, 0 for
 collapse).
 """
@@ -64,7 +65,8 @@ from .meta import SSLNet
 from .schedules import cosine, warmup_constant, warmup_cosine
 
 LOG_FIELDS = ["step", "samples", "loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "weight_decay", "momentum",
-              "teacher_temp", "grad_norm", "teacher_entropy", "teacher_marginal_entropy", "cls_std", "patch_std",
+              "teacher_temp", "grad_norm", "teacher_entropy", "teacher_marginal_entropy", "patch_entropy",
+              "patch_marginal_entropy", "cls_std", "patch_std",
               "mask_ratio", "sec_per_step"]
 
 
@@ -124,7 +126,8 @@ class PretrainConfig:
     threads: int = 0                           # torch CPU threads per process (0: torch's default)
     ckpt_every: int = 500                      # steps between checkpoints (the last step always saves)
     log_every: int = 10                        # steps between log rows
-    stop_at: int = 0                           # >0: stop after this step (with a checkpoint), e.g. time-sliced jobs
+    steps_per_run: int = 0                     # >0: this invocation stops (with a checkpoint) after so many steps;
+                                               #     --resume continues (time-sliced jobs); 0: run to ``steps``
     progress: bool = True                      # tqdm bar
 
     def check(self) -> None:
@@ -449,10 +452,11 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
             return sinkhorn_knopp(logits, temp, weights=weights, all_reduce=D.all_reduce_ if D.active() else None)
         return center.probs(logits, temp)
 
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.steps
+    end = min(cfg.steps, step + cfg.steps_per_run) if cfg.steps_per_run > 0 else cfg.steps
     sampler = StepBatchSampler(step, end, cfg.batch_size, rank, world, samples)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_views,
-                                         num_workers=cfg.num_workers)
+                                         num_workers=cfg.num_workers,   # own generator: keeps the global RNG
+                                         generator=torch.Generator().manual_seed(cfg.seed))  # stream untouched
     log = CsvLog(out / "log.csv", step) if master else None
     bar = tqdm(total=cfg.steps, initial=step, disable=not (master and cfg.progress), desc="pretrain", unit="step")
     G, L = cfg.augment.n_global, cfg.augment.n_local
@@ -523,12 +527,15 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
             with torch.no_grad():
                 stats = torch.tensor([loss.item(), float(dino), float(ibot), float(koleo),
                                       float(entropy(t_cls).mean()), float(entropy(t_cls.mean(0, keepdim=True))),
+                                      float(entropy(t_patch).mean()) if len(t_patch) else float("nan"),
+                                      float(entropy(t_patch.mean(0, keepdim=True))) if len(t_patch) else float("nan"),
                                       spread(t["cls"], 0), spread(t["patch_tokens"], 1),
                                       float(n_masked.float().mean() / masks.shape[1])], dtype=torch.float64)
             D.all_reduce_(stats, "mean")
             now = time.time()
             last_row = dict(zip(["loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy",
-                                 "teacher_marginal_entropy", "cls_std", "patch_std", "mask_ratio"], stats.tolist()))
+                                 "teacher_marginal_entropy", "patch_entropy", "patch_marginal_entropy", "cls_std",
+                                 "patch_std", "mask_ratio"], stats.tolist()))
             last_row.update(step=step, samples=samples, lr=lr, weight_decay=wd, momentum=momentum,
                             teacher_temp=teacher_temp, grad_norm=float(grad_norm),
                             sec_per_step=(now - t_last) / cfg.log_every)
@@ -542,7 +549,8 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
     bar.close()
 
     # ---- export the teacher backbone
-    result = {"run_dir": str(out), "step": step, "samples": samples, "world_size": world, "last": last_row}
+    result = {"run_dir": str(out), "step": step, "samples": samples, "world_size": world, "rank": rank,
+              "last": last_row}
     if step >= cfg.steps and master:
         from ..models.checkpoint import save_backbone
 
