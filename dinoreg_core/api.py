@@ -162,8 +162,9 @@ def compute_features(method_name: str, fixed_img: np.ndarray, moving_img: np.nda
 
 def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, warped_labels: np.ndarray, spacing,
                   label_names: dict | None = None) -> list[dict]:
-    """One row per label present in the fixed map: Dice before/after, HD95 (mm, voxels) after."""
-    ids = sorted(set(np.unique(fixed_labels).tolist()) - {0})
+    """One row per label present in both the fixed map and the moving map (on the fixed grid, before warping):
+    Dice before/after, HD95 (mm, voxels) after."""
+    ids = sorted((set(np.unique(fixed_labels).tolist()) & set(np.unique(moving_labels).tolist())) - {0})
     before = dice_per_label(fixed_labels, moving_labels, ids)
     after = dice_per_label(fixed_labels, warped_labels, ids)
     hd_mm = hd95_per_label(fixed_labels, warped_labels, spacing, ids)
@@ -245,17 +246,23 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
         mov_lab = lut[mov_lab]
     t_init = time.perf_counter() - t
 
+    # Register only where the moving scan has data (a partial field of view, e.g. an MR slab, leaves the rest
+    # of the fixed grid empty); the field is extended outside that box by replicating its border values.
+    box = _overlap_box(mvol, fvol, T, same_grid)
+    crop = (slice(box[0][0], box[1][0]), slice(box[0][1], box[1][1]), slice(box[0][2], box[1][2]))
+
     t = time.perf_counter()
-    fn = normalize_intensity(fvol.array, fmod)
-    mn = normalize_intensity(mov_img, mmod)
+    fn = normalize_intensity(fvol.array[crop], fmod)
+    mn = normalize_intensity(mov_img[crop], mmod)
     ff, mf = compute_features(cfg.features, fn, mn, fixed_modality=fmod, moving_modality=mmod, device=device,
                               pca_dim=cfg.pca_dim, options=cfg.feature_options, seed=cfg.seed)
     t_feat = time.perf_counter() - t
 
     t = time.perf_counter()
     ct = ConvexAdamTimings()
-    disp = convex_adam(ff, mf, cfg.convex, ct)
+    disp_crop = convex_adam(ff, mf, cfg.convex, ct)
     del ff, mf
+    disp = _embed(disp_crop, box, fvol.shape)
     t_reg = time.perf_counter() - t
 
     with torch.no_grad():
@@ -271,7 +278,7 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
     if device.type == "cuda":
         timings["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
 
-    metrics: dict = {"field": field_metrics(disp)}
+    metrics: dict = {"field": field_metrics(disp_crop), "registered_box": [list(map(int, b)) for b in box]}
     if flab is not None and warped_lab is not None:
         rows = label_metrics(flab.array, mov_lab, warped_lab, fvol.spacing, label_names)
         metrics["labels"] = rows
@@ -283,6 +290,36 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
     if out is not None:
         res.outputs = write_outputs(res, out, mvol)
     return res
+
+
+def _overlap_box(mvol: io.Volume, fvol: io.Volume, T: np.ndarray, same_grid: bool):
+    """Bounding box [lo, hi) (fixed voxels) of the fixed grid region covered by the moving scan."""
+    if same_grid:
+        return (0, 0, 0), tuple(fvol.shape)
+    ones = io.Volume(np.ones(mvol.shape, np.float32), mvol.affine)
+    valid = resample_to(ones, fvol, world_transform=T, cval=0.0) > 0.5
+    if valid.all():
+        return (0, 0, 0), tuple(fvol.shape)
+    idx = np.argwhere(valid)
+    lo, hi = idx.min(0), idx.max(0) + 1
+    # keep at least 16 voxels per axis so the coarse grids stay meaningful
+    for a in range(3):
+        short = 16 - (hi[a] - lo[a])
+        if short > 0:
+            lo[a] = max(0, lo[a] - (short + 1) // 2)
+            hi[a] = min(fvol.shape[a], lo[a] + 16)
+    return tuple(int(x) for x in lo), tuple(int(x) for x in hi)
+
+
+def _embed(disp: torch.Tensor, box, shape) -> torch.Tensor:
+    """Place a (1,3,d,h,w) field computed on ``box`` into the full grid, replicating its border outside."""
+    lo, hi = box
+    if tuple(lo) == (0, 0, 0) and tuple(hi) == tuple(shape):
+        return disp
+    pads = []
+    for a in (2, 1, 0):
+        pads += [lo[a], shape[a] - hi[a]]
+    return F.pad(disp, pads, mode="replicate")
 
 
 def _config_dict(cfg: RegisterConfig, fmod: str, mmod: str) -> dict:

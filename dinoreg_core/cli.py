@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rc = args.func(args)
     except DinoregError as e:
-        print(f"dinoreg: error: {e}", file=sys.stderr)
+        print("dinoreg: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("dinoreg: interrupted; finished outputs are kept.", file=sys.stderr)

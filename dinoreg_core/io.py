@@ -95,7 +95,8 @@ def _read_nifti(p: Path, what: str) -> nib.Nifti1Image:
     except DinoregError:
         raise
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
-        raise DinoregError(f"The {what} file {p} could not be read as NIfTI ({type(e).__name__}: {e}).") from None
+        detail = " ".join(str(e).split())
+        raise DinoregError(f"The {what} file {p} could not be read as NIfTI ({type(e).__name__}: {detail}).") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
         img = nib.Nifti1Image(data, img.affine, img.header)

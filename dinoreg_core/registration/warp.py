@@ -52,11 +52,14 @@ def warp(moving: torch.Tensor, disp: torch.Tensor, *, mode: str = "bilinear", pa
 def warp_labels(labels: torch.Tensor, disp: torch.Tensor) -> torch.Tensor:
     """Nearest-neighbour warp of an integer label map (B,1,D,H,W) -> same shape and dtype.
 
-    Nearest sampling at ``x + disp(x)`` rounds half away from... exactly as ``map_coordinates(order=0)``
-    for non-half coordinates; it is what the Learn2Reg evaluation does.
+    Same as the Learn2Reg evaluation, ``map_coordinates(labels, identity + disp, order=0)`` (mode "constant"):
+    points outside [0, n-1] along any axis get label 0 (background).
     """
-    out = warp(labels.float(), disp.float(), mode="nearest", padding_mode="zeros")
-    return out.round().to(labels.dtype)
+    coords = identity_grid(disp.shape[2:], disp.device, torch.float32) + disp.float()
+    out = sample(labels.float(), coords, mode="nearest", padding_mode="zeros")
+    upper = torch.tensor([s - 1 for s in disp.shape[2:]], device=disp.device, dtype=torch.float32).view(1, 3, 1, 1, 1)
+    outside = ((coords < 0) | (coords > upper)).any(dim=1, keepdim=True)
+    return out.masked_fill(outside, 0).round().to(labels.dtype)
 
 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
