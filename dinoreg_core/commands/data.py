@@ -5,7 +5,8 @@ Subcommands::
     dinoreg data list [--json]
     dinoreg data show NAME
     dinoreg data fetch NAME --dest DIR [--retries N] [--keep-archive] [--no-progress]
-    dinoreg data generate-phantoms --out DIR [--n-subjects N] [--spacing MM] [--seed S] [--set KEY=VALUE ...]
+    dinoreg data generate-phantoms --out DIR [--n-subjects N] [--spacing MM] [--shape D H W] [--seed S]
+                                   [--workers N] [--set KEY=VALUE ...]
     dinoreg data build-corpus SRC [SRC ...] --out DIR [--spacing MM] [--dtype float16|float32]
                               [--format npy|nifti] [--manifest NAME] [--modality ct|mr] [--no-crop] [--margin-mm MM]
 
@@ -57,10 +58,14 @@ def add_parser(subparsers) -> None:
     q = sub.add_parser("generate-phantoms", help="generate the synthetic abdominal CT/MR cohort")
     q.add_argument("--out", required=True, help="output folder (Learn2Reg layout)")
     q.add_argument("--n-subjects", type=int, default=None, help="number of subjects")
-    q.add_argument("--spacing", type=float, default=None, help="voxel spacing in mm")
+    q.add_argument("--spacing", type=float, default=None,
+                   help="voxel spacing in mm; without --shape the default field of view is kept")
+    q.add_argument("--shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="grid size in voxels")
     q.add_argument("--seed", type=int, default=None, help="random seed")
+    q.add_argument("--workers", type=int, default=None, help="processes generating subjects in parallel")
     q.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other PhantomConfig field (value parsed as JSON, else taken as a string)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_generate_phantoms)
 
     q = sub.add_parser("build-corpus", help="preprocess scans into a cached pretraining corpus with an index")
@@ -128,7 +133,7 @@ def cmd_fetch(args) -> int:
               f"  dinoreg data build-corpus YOUR_FOLDER --out CORPUS --manifest {m.name}")
         return 2
     if m.access == "generated":
-        folder = generate_from_manifest(m, args.dest)
+        folder = generate_from_manifest(m, args.dest, progress=not args.no_progress)
         print(f"generated '{m.name}' into {folder}")
         return 0
     if args.retries < 0:
@@ -153,11 +158,7 @@ def cmd_fetch(args) -> int:
 
 # ----------------------------------------------------------------------------------- synthetic cohort
 
-_OPTION_FIELDS = {  # CLI option -> PhantomConfig field names it may be called (first match wins)
-    "n_subjects": ("n_subjects", "num_subjects", "n_cases"),
-    "spacing": ("spacing_mm", "spacing"),
-    "seed": ("seed",),
-}
+_OPTION_FIELDS = {"spacing": "spacing_mm"}  # CLI option -> PhantomConfig field
 
 
 def _parse_value(text: str):
@@ -170,8 +171,8 @@ def _parse_value(text: str):
 def phantom_config(overrides: dict):
     """A ``dinoreg_core.data.phantom.PhantomConfig`` with ``overrides`` (field name -> value) applied.
 
-    Option names of the CLI (``n_subjects``, ``spacing``, ``seed``) are mapped onto the dataclass's own field
-    names; unknown names raise a :class:`DinoregError` that lists the fields.
+    ``spacing`` is accepted for ``spacing_mm``; unknown names raise a :class:`DinoregError` listing the fields.
+    JSON lists become tuples where the field's default is a tuple.
     """
     try:
         phantom = importlib.import_module("dinoreg_core.data.phantom")
@@ -181,27 +182,30 @@ def phantom_config(overrides: dict):
                            f"({e}).") from None
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
+    defaults = cls()
     for key, value in overrides.items():
-        names = _OPTION_FIELDS.get(key, (key,))
-        name = next((n for n in names if n in fields), None)
-        if name is None:
+        name = _OPTION_FIELDS.get(key, key)
+        if name not in fields:
             raise DinoregError(f"PhantomConfig has no field '{key}'; its fields are: {', '.join(fields)}.")
-        if isinstance(value, list) and isinstance(getattr(cls(), name, None), tuple):
+        if isinstance(value, list) and isinstance(getattr(defaults, name, None), tuple):
             value = tuple(value)
         kwargs[name] = value
     try:
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise DinoregError(f"The phantom settings {kwargs} are not valid ({e}).") from None
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
 
 
-def _generate(out_dir: Path, overrides: dict):
-    phantom = importlib.import_module("dinoreg_core.data.phantom")
+def _generate(out_dir: Path, overrides: dict, *, progress: bool = True):
     cfg = phantom_config(overrides)
-    return phantom.generate_cohort(out_dir, cfg), cfg
+    phantom = importlib.import_module("dinoreg_core.data.phantom")
+    return phantom.generate_cohort(out_dir, cfg, progress=progress), cfg
 
 
-def generate_from_manifest(manifest, dest) -> Path:
+def generate_from_manifest(manifest, dest, *, progress: bool = True) -> Path:
     """Generate a ``generated`` dataset into ``DEST/<name>`` (temporary sibling folder, validated, renamed)."""
     from ..data.download import MARKER, validate_layout
 
@@ -220,7 +224,8 @@ def generate_from_manifest(manifest, dest) -> Path:
                            f"another --dest.")
     tmp = Path(tempfile.mkdtemp(prefix=f".{manifest.name}.generating-", dir=dest))
     try:
-        _, cfg = _generate(tmp / manifest.layout.data_root if manifest.layout.data_root else tmp, dict(gen.config))
+        _, cfg = _generate(tmp / manifest.layout.data_root if manifest.layout.data_root else tmp, dict(gen.config),
+                           progress=progress)
         validate_layout(manifest, tmp)
         write_json_atomic(tmp / MARKER, {**manifest.to_dict(), "generated": {
             "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -234,19 +239,25 @@ def generate_from_manifest(manifest, dest) -> Path:
 
 def cmd_generate_phantoms(args) -> int:
     overrides = {}
-    for key in ("n_subjects", "spacing", "seed"):
-        v = getattr(args, key)
-        if v is not None:
-            overrides[key] = v
     for item in args.set:
         if "=" not in item:
             raise DinoregError(f"--set expects KEY=VALUE, got '{item}'.")
         k, v = item.split("=", 1)
         overrides[k.strip()] = _parse_value(v.strip())
+    for key in ("n_subjects", "seed", "workers", "shape"):
+        v = getattr(args, key)
+        if v is not None:
+            overrides[key] = list(v) if key == "shape" else v
+    if args.spacing is not None:
+        overrides["spacing_mm"] = args.spacing
+        if args.shape is None and "shape" not in overrides:  # keep the default field of view
+            d = phantom_config({})
+            fov = [s * float(d.spacing_mm) for s in d.shape]
+            overrides["shape"] = [max(8, int(round(f / args.spacing))) for f in fov]
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    result, _ = _generate(out, overrides)
-    print(f"generated the synthetic cohort in {out}" + (f" ({result})" if result is not None else ""))
+    json_path, cfg = _generate(out, overrides, progress=not args.no_progress)
+    grid = "x".join(str(s) for s in cfg.shape)
+    print(f"generated {cfg.n_subjects} subjects ({grid} voxels at {cfg.spacing_mm:g} mm) in {out}: {json_path}")
     return 0
 
 

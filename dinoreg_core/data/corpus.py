@@ -49,10 +49,10 @@ from ..errors import DinoregError
 from ..io import NIFTI_SUFFIXES, load_volume, save_nifti
 from ..preprocess import CT_WINDOW_HU, MR_PERCENTILES, foreground_mask, guess_modality, normalize_intensity, \
     resample_spacing
-from .manifests import Manifest, get_manifest, load_manifest_file, parse_manifest
+from .download import read_folder_manifest
+from .manifests import Manifest, get_manifest, load_manifest_file
 
 CORPUS_VERSION = 1
-MANIFEST_MARKER = ".dinoreg-manifest.json"
 DEFAULT_EXCLUDE = ("*labels*/*", "*masks*/*", "*segmentations*/*", "*label*.nii*", "*mask*.nii*", "*_seg.nii*",
                    "*_seg_*.nii*")
 
@@ -236,13 +236,8 @@ def discover_sources(src: str | os.PathLike, cfg: CorpusConfig, *, manifest: Man
         if _is_nifti(src):
             return [SourceItem(src, cfg.modality, "forced" if cfg.modality else "guessed", src.parent.name)], [], ignored
         raise DinoregError(f"The corpus source {src} is neither a folder, a NIfTI file nor a dataset json.")
-    if manifest is None and (src / MANIFEST_MARKER).is_file():
-        try:
-            obj = json.loads((src / MANIFEST_MARKER).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise DinoregError(f"The manifest copy {src / MANIFEST_MARKER} is not valid JSON ({e}).") from None
-        obj.pop("fetched", None)
-        manifest = parse_manifest(obj, str(src / MANIFEST_MARKER))
+    if manifest is None:
+        manifest = read_folder_manifest(src)
     if manifest is not None:
         items = _from_manifest(src, manifest)
         if cfg.modality:

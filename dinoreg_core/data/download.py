@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_json_atomic
 from ..errors import DinoregError
-from .manifests import Download, Manifest
+from .manifests import Download, Manifest, parse_manifest
 
 DOWNLOAD_DIR = ".dinoreg-downloads"
 MARKER = ".dinoreg-manifest.json"
@@ -335,6 +335,23 @@ def dataset_folder(manifest: Manifest, dest: str | os.PathLike) -> Path:
 def data_root(manifest: Manifest, dest: str | os.PathLike) -> Path:
     """Where the data proper lives after a fetch: ``DEST/<name>/<layout.data_root>``."""
     return dataset_folder(manifest, dest) / manifest.layout.data_root
+
+
+PROVENANCE_KEYS = ("fetched", "generated")  # what fetch adds to the manifest copy it leaves in the folder
+
+
+def read_folder_manifest(folder: str | os.PathLike) -> Manifest | None:
+    """The manifest copy that ``fetch`` left in a dataset folder (``.dinoreg-manifest.json``), or None."""
+    p = Path(folder) / MARKER
+    if not p.is_file():
+        return None
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DinoregError(f"The manifest copy {p} is not valid JSON ({e}).") from None
+    for k in PROVENANCE_KEYS:
+        obj.pop(k, None)
+    return parse_manifest(obj, str(p))
 
 
 def _cleanup_downloads(dl_dir: Path) -> None:
