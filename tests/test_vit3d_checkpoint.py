@@ -86,7 +86,8 @@ def test_mismatched_config_names_first_key_and_shapes(tmp_path):
 
     meta["model"]["depth"] = 1
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(DinoregError, match=r"holds tensor 'blocks\.1\.[a-z_.0-9]+' that a ViT3D with this config does not have"):
+    with pytest.raises(DinoregError,
+                       match=r"holds tensor 'blocks\.1\.[a-z_.0-9]+' that a ViT3D with this config does not have"):
         load_backbone(path)
 
     meta["model"]["depth"] = 2

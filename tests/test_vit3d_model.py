@@ -111,7 +111,8 @@ def test_rope_is_relative_shift_invariant_logits():
 
 
 def test_rope_matches_timm_table_layout():
-    """Axis-major chunks, interleaved pairs, frequencies 10000 ** (-i / n) (timm RotaryEmbeddingCat, in_pixels=False)."""
+    """Axis-major chunks, interleaved pairs, frequencies 10000 ** (-i / n) (timm RotaryEmbeddingCat, in_pixels=False).
+    """
     hd, n = 12, 2
     pos = torch.tensor([[1.0, 2.0, 3.0]])
     s, c = rope_tables(pos, rope_frequencies(hd, 10000.0))

@@ -92,9 +92,11 @@ def _reference_forward(sd, x, heads, grid, n_prefix):
             bias = torch.cat([sd[p + "attn.q_bias"], torch.zeros_like(sd[p + "attn.q_bias"]), sd[p + "attn.v_bias"]])
             q, k, v = F.linear(y, sd[p + "attn.qkv.weight"], bias).reshape(B, N, 3, heads, -1).permute(2, 0, 3, 1, 4)
         else:
-            q = F.linear(y, sd[p + "attn.q_proj.weight"], sd[p + "attn.q_proj.bias"]).reshape(B, N, heads, -1).transpose(1, 2)
-            k = F.linear(y, sd[p + "attn.k_proj.weight"]).reshape(B, N, heads, -1).transpose(1, 2)
-            v = F.linear(y, sd[p + "attn.v_proj.weight"], sd[p + "attn.v_proj.bias"]).reshape(B, N, heads, -1).transpose(1, 2)
+            def split(t):
+                return t.reshape(B, N, heads, -1).transpose(1, 2)
+            q = split(F.linear(y, sd[p + "attn.q_proj.weight"], sd[p + "attn.q_proj.bias"]))
+            k = split(F.linear(y, sd[p + "attn.k_proj.weight"]))
+            v = split(F.linear(y, sd[p + "attn.v_proj.weight"], sd[p + "attn.v_proj.bias"]))
         q = torch.cat([q[:, :, :n_prefix], q[:, :, n_prefix:] * cos + _rot(q[:, :, n_prefix:]) * sin], 2)
         k = torch.cat([k[:, :, :n_prefix], k[:, :, n_prefix:] * cos + _rot(k[:, :, n_prefix:]) * sin], 2)
         att = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)

@@ -15,8 +15,9 @@ scaled-dot-product-attention kernel, which PyTorch uses on CPU (float32) and CUD
 memory; measured on CPU the estimate is within ~1.5x of the RSS increase, see bench/features_dino3d.py).
 When it exceeds ``memory_budget_gb`` the volume is processed in overlapping windows (default: the
 pretraining crop, ``pos_grid * patch_size`` voxels per axis, stride ``(1 - overlap)`` of it) whose token
-features are blended with Gaussian (sigma = window/4) or linear-ramp weights. A window never exceeds the
-budget: it is shrunk (down to 4 tokens per axis) until it fits.
+features are blended with Gaussian (sigma = window/4) or linear-ramp weights. One window plus the float32
+blending accumulators over the whole token grid never exceed the budget: the window is shrunk (down to 4
+tokens per axis) until they fit.
 
 Features are the patch tokens of the chosen blocks after the model's final LayerNorm (block -1 = the last
 block, as the authors use), concatenated along channels in the order given.
@@ -58,7 +59,7 @@ class Plan:
     grid: tuple
     window: tuple          # window size in tokens
     starts: list           # window start (tokens) per window, each a (d,h,w) tuple
-    est_bytes: int         # predicted peak bytes of one forward pass (full volume or one window)
+    est_bytes: int         # predicted peak bytes: one forward pass (+ the blending accumulators when sliding)
 
 
 def estimate_memory_bytes(cfg: ViT3DConfig, grid, n_blocks: int = 1, bytes_per_el: int = 4) -> int:
@@ -100,10 +101,12 @@ def plan_extraction(cfg: ViT3DConfig, image_shape, ecfg: ExtractConfig, bytes_pe
         w = (ecfg.window,) * 3 if isinstance(ecfg.window, int) else tuple(ecfg.window)
         win = tuple(max(1, -(-int(s) // p)) for s in w)
     win = tuple(min(a, g) for a, g in zip(win, grid))
-    while estimate_memory_bytes(cfg, win, nb, bytes_per_el) > budget and max(win) > 4:
+    # float32 accumulators over the whole token grid: weighted sum, weight sum and the blended result
+    acc = 4 * math.prod(grid) * (2 * nb * cfg.embed_dim + 1)
+    while estimate_memory_bytes(cfg, win, nb, bytes_per_el) + acc > budget and max(win) > 4:
         win = tuple(max(4, min(a, (a * 3) // 4)) if a == max(win) else a for a in win)
         win = tuple(min(a, g) for a, g in zip(win, grid))
-    est = estimate_memory_bytes(cfg, win, nb, bytes_per_el)
+    est = estimate_memory_bytes(cfg, win, nb, bytes_per_el) + acc
     if est > budget:
         raise DinoregError(f"Even a {win} token window needs about {est / 1024 ** 3:.2f} GB, more than the "
                            f"memory budget of {ecfg.memory_budget_gb} GB; raise memory_budget_gb.")

@@ -217,7 +217,8 @@ def map_authors_state_dict(state: dict, *, which: str = "student", num_heads: in
             out[o + "ls1.gamma"], out[o + "ls2.gamma"] = take(a + "gamma_1"), take(a + "gamma_2")
         if a + "mlp.fc1_g.weight" in sd:
             for n in ("fc1_g", "fc1_x", "fc2") + (("norm",) if mlp_norm else ()):
-                out[o + f"mlp.{n}.weight"], out[o + f"mlp.{n}.bias"] = take(a + f"mlp.{n}.weight"), take(a + f"mlp.{n}.bias")
+                out[o + f"mlp.{n}.weight"] = take(a + f"mlp.{n}.weight")
+                out[o + f"mlp.{n}.bias"] = take(a + f"mlp.{n}.bias")
         else:  # GluMlp, gate_last=False: first half of fc1 is the gate
             w, b = take(a + "mlp.fc1.weight"), take(a + "mlp.fc1.bias")
             out[o + "mlp.fc1_g.weight"], out[o + "mlp.fc1_x.weight"] = w[:hidden], w[hidden:]
