@@ -5,7 +5,7 @@ with the origin at the centre of the first lumbar vertebral body (L1). Every str
 :mod:`.phantom_geometry` (ellipsoids and tubes around polylines, smoothly united, later roughened by smooth
 noise). :func:`sample_anatomy` draws one subject: body habitus (subcutaneous fat, muscle, cavity size), spine
 curvature and level height, diaphragm dome heights, and for every organ group a size change (volume x0.75..1.25
-plus +-7 % per axis), a displacement of 5-15 mm and a rotation of a few degrees. The rasteriser
+plus +-5 % per axis), a displacement of 5-15 mm and a rotation of a few degrees. The rasteriser
 (:mod:`.phantom_raster`) paints these shapes at deformed coordinates (anatomy field, breathing, pose).
 
 Nominal positions were read off a real contrast CT (TotalSegmentator test case, ../shared/data/real), as
@@ -45,24 +45,25 @@ LABELS = {
 # y_vb(z) (the vertebral body centre line) added to their y.
 
 LIVER_BLOBS = [  # centre, semi-axes, rotation (deg about x, y, z)
-    ((68, 50, 32), (60, 66, 76), (0, 0, -10)),
-    ((84, 40, -25), (40, 42, 44), (0, 0, 0)),
-    ((8, 86, 52), (48, 36, 38), (0, 0, 0)),
-    ((-44, 90, 60), (42, 24, 28), (0, 0, 15)),
-    ((22, 36, 44), (22, 22, 32), (0, 0, 0)),
+    ((70, 50, 32), (71, 77, 88), (0, 0, -10)),
+    ((86, 40, -30), (46, 48, 50), (0, 0, 0)),
+    ((8, 88, 52), (55, 41, 43), (0, 0, 0)),
+    ((-46, 92, 60), (48, 28, 32), (0, 0, 15)),
+    ((22, 36, 44), (25, 25, 36), (0, 0, 0)),
 ]
 GALLBLADDER = ((56, 92, -10), (14, 16, 36), (35, 0, -20))
-SPLEEN = ((-92, 8, 26), (22, 47, 55), (0, 0, -27))
-SPLEEN_HILUM = ((-62, 22, 26), (20, 28, 34))
-KIDNEY_CENTRE = {"right": (70, 2, -42), "left": (-70, -2, -28)}
+SPLEEN = ((-98, -4, 24), (27, 57, 66), (0, 0, -32))
+SPLEEN_HILUM = ((-68, 12, 24), (20, 28, 34))
+KIDNEY_CENTRE = {"right": (80, 4, -40), "left": (-76, 0, -27)}
 # kidney local frame: +x lateral, hilum at -x; rotation makes the hilum face antero-medially, upper pole medial
-KIDNEY_AXES = (25, 23, 52)
-KIDNEY_HILUM = ((-27, 6, 0), (13, 11, 20))
-KIDNEY_PELVIS = [((-12, 4, 0), (9, 7, 19)), ((-27, 5, -4), (9, 7, 9))]
+KIDNEY_AXES = (28, 26, 57)
+KIDNEY_HILUM = ((-25, 6, 0), (12, 10, 22))
+KIDNEY_SINUS = ((-11, 4, 0), (12, 10, 30))
+KIDNEY_PELVIS = [((-12, 4, 0), (7, 6, 17)), ((-26, 5, -4), (8, 7, 9))]
 KIDNEY_ROT = (-10, -12, -30)  # deg about x (upper pole posterior), y (upper pole medial), z (hilum anterior)
 ADRENAL = {  # (points, radii)
-    "right": (((33, 32, 34), (33, 24, 18), (30, 16, 2)), (4.6, 4.6, 3.6)),
-    "right_limb": (((33, 24, 18), (43, 17, 4)), (4.2, 3.4)),
+    "right": (((40, 20, 36), (40, 12, 20), (35, 6, 4)), (4.6, 4.6, 3.6)),
+    "right_limb": (((40, 12, 20), (50, 6, 6)), (4.2, 3.4)),
     "left": (((-36, 34, 30), (-38, 26, 14), (-34, 22, -4)), (4.6, 4.6, 3.6)),
     "left_limb": (((-38, 26, 14), (-48, 18, 2)), (4.2, 3.4)),
 }
@@ -92,9 +93,10 @@ IVC = ((12, -112, 10, -4), (20, -60, 11, -2), (23, 0, 12, 2), (26, 40, 12, 14), 
 ESOPHAGUS = (((-2, 40, 300), (-5, 38, 150), (-12, 40, 92)), ((-22, 50, 68), (-28, 54, 60)))
 PSOAS = ((24, 6, 30, 6), (32, 8, -10, 11), (40, 10, -60, 16), (50, 12, -110, 21), (62, 20, -160, 23),
          (72, 40, -210, 21), (78, 60, -260, 19))  # |x|, y offset from y_vb, z, r
-QUADRATUS = ((45, -22, 20, 6), (58, -25, -40, 13), (70, -25, -110, 12), (84, -20, -150, 6))  # |x|, y, z, r
-ERECTOR = ((30, -42, 340, 20), (31, -44, 100, 25), (32, -46, 0, 27), (30, -44, -120, 26), (26, -40, -200, 18),
-           (20, -35, -260, 10))  # |x|, y offset, z, r
+QUADRATUS = ((45, -30, 20, 6), (58, -36, -40, 12), (70, -36, -110, 11), (84, -30, -150, 6))  # |x|, y, z, r
+ERECTOR = ((18, -46, 340, 17), (20, -52, 100, 21), (21, -54, 0, 23), (20, -52, -120, 22), (17, -46, -200, 16),
+           (14, -40, -260, 9))  # |x|, y offset, z, r (medial column)
+ERECTOR_LATERAL = ((40, -40, 300, 14), (42, -44, 100, 18), (44, -46, 0, 20), (42, -44, -120, 18), (34, -40, -200, 12))
 
 
 def smoothstep(x, lo, hi):
@@ -192,10 +194,13 @@ def sample_anatomy(rng: np.random.Generator, *, variation: float = 1.0) -> Anato
         return mid + v * (rng.uniform(lo, hi) - mid)
 
     # habitus
-    body = dict(a_cav=U(106, 132), y_cav_ant=U(112, 146), y_cav_post=-45.0, t_fat=U(8, 45, 22),
+    body = dict(a_cav=U(110, 136), y_cav_ant=U(120, 152), y_cav_post=-45.0, t_fat=U(8, 40, 22),
                 t_muscle=U(8, 15), t_skin=2.5)
-    body["y_post"] = -66.0 - 0.6 * body["t_fat"] - body["t_skin"] - body["t_muscle"] * 0.3
-    fx, fy = body["a_cav"] / 119.0, body["y_cav_ant"] / 129.0
+    body["y_post"] = -80.0 - 0.7 * body["t_fat"] - body["t_skin"]
+    # the retroperitoneal fat reaches back to the posterior wall muscles (the spine and paraspinal muscles are
+    # painted over it)
+    body["y_cav_post"] = body["y_post"] + body["t_skin"] + 0.7 * body["t_fat"] + 0.8 * body["t_muscle"]
+    fx, fy = body["a_cav"] / 123.0, body["y_cav_ant"] / 136.0
 
     # spine: level height and curvature (lordosis amplitude)
     H = U(30.0, 36.0)
@@ -205,17 +210,20 @@ def sample_anatomy(rng: np.random.Generator, *, variation: float = 1.0) -> Anato
     y_tab = np.array([-70, -40, -10, 8, 14, 6, -2, -8, -22, -45], np.float64)
     y_tab = np.where(y_tab > 0, y_tab * lord, y_tab)
     spine = dict(H=H, z_tab=z_tab, y_tab=y_tab)
-    diaphragm = dict(zR=U(92.0, 115.0) * fz)
+    diaphragm = dict(zR=U(94.0, 113.0) * fz)
     diaphragm["zL"] = diaphragm["zR"] - U(8.0, 25.0)
+    # organs under a dome follow its height (a low dome must not cut the liver or spleen)
+    dz_right = diaphragm["zR"] - 103.5 * fz
+    dz_left = diaphragm["zL"] - (103.5 * fz - 16.5)
     anat = Anatomy(body, spine, diaphragm)
 
     def habitus(p):
         p = np.asarray(p, np.float64)
         return np.array([p[0] * fx, p[1] * fy if p[1] > 0 else p[1], p[2] * fz])
 
-    def place(name, pivot, shift=(5, 15), rot_sd=4.0, size=0.25):
+    def place(name, pivot, shift=(5, 15), rot_sd=4.0, size=0.25, dz=0.0):
         pivot = np.asarray(pivot, np.float64)
-        t = _random_shift(rng, *shift) * v
+        t = _random_shift(rng, *shift) * v + np.array([0.0, 0.0, dz])
         R = _random_rotation(rng, rot_sd * v) if v > 0 else np.eye(3)
         s = 1.0 + v * (_size_factor(rng, size) - 1.0)
         pl = Placement(pivot, habitus(pivot) + t, R, s)
@@ -223,11 +231,11 @@ def sample_anatomy(rng: np.random.Generator, *, variation: float = 1.0) -> Anato
         return pl
 
     def axis_jitter():
-        return 1.0 + v * rng.uniform(-0.07, 0.07, 3)
+        return 1.0 + v * rng.uniform(-0.05, 0.05, 3)
 
     S = anat.shapes
     # liver (+ gallbladder and intrahepatic vessels, which move with it)
-    pl = place("liver", (55, 55, 30))
+    pl = place("liver", (55, 55, 30), size=0.15, dz=0.9 * dz_right)
     S["liver"] = Union([pl.ellipsoid(c, a, r, axis_jitter()) for c, a, r in LIVER_BLOBS], k=22.0)
     # gallbladder: hangs under the liver, moves with it plus a small displacement of its own
     gb_c = pl.point(GALLBLADDER[0])[0] + v * _random_shift(rng, 2, 7)
@@ -238,7 +246,7 @@ def sample_anatomy(rng: np.random.Generator, *, variation: float = 1.0) -> Anato
     S["hepatic_veins"] = [pl.tube(p, r, scale_r=False) for p, r in HEPATIC_VEINS]
 
     # spleen
-    pl = place("spleen", SPLEEN[0])
+    pl = place("spleen", SPLEEN[0], dz=0.9 * dz_left)
     S["spleen"] = Subtract(pl.ellipsoid(SPLEEN[0], SPLEEN[1], SPLEEN[2], axis_jitter()),
                            pl.ellipsoid(*SPLEEN_HILUM), k=10.0)
 
@@ -246,15 +254,17 @@ def sample_anatomy(rng: np.random.Generator, *, variation: float = 1.0) -> Anato
     for side, label in (("right", 2), ("left", 3)):
         c = np.asarray(KIDNEY_CENTRE[side], np.float64)
         m = side == "left"
-        pl = place(f"kidney_{side}", c)
+        pl = place(f"kidney_{side}", c, dz=0.3 * (dz_left if m else dz_right))
         Rk = rotation_matrix(KIDNEY_ROT)
         if m:
             Rk = MIRROR @ Rk @ MIRROR
         loc = (lambda q: c + Rk @ (MIRROR @ np.asarray(q, np.float64) if m else np.asarray(q, np.float64)))
         jit = axis_jitter()
-        outer = Ellipsoid(pl.point(c)[0], np.asarray(KIDNEY_AXES) * pl.s * jit, pl.R @ Rk)
+        outer = Ellipsoid(pl.point(c)[0], np.asarray(KIDNEY_AXES) * pl.s * jit * (0.97 if m else 1.0), pl.R @ Rk)
         hil = Ellipsoid(pl.point(loc(KIDNEY_HILUM[0]))[0], np.asarray(KIDNEY_HILUM[1]) * pl.s, pl.R @ Rk)
         S[f"kidney_{side}"] = Subtract(outer, hil, k=6.0)
+        S[f"kidney_{side}_sinus"] = Ellipsoid(pl.point(loc(KIDNEY_SINUS[0]))[0], np.asarray(KIDNEY_SINUS[1]) * pl.s,
+                                              pl.R @ Rk)
         S[f"kidney_{side}_pelvis"] = Union([Ellipsoid(pl.point(loc(cc))[0], np.asarray(aa) * pl.s, pl.R @ Rk)
                                            for cc, aa in KIDNEY_PELVIS], k=4.0)
         hilum = pl.point(loc((-30, 5, -6)))[0]
@@ -267,7 +277,7 @@ def sample_anatomy(rng: np.random.Generator, *, variation: float = 1.0) -> Anato
         # adrenal gland above and medial to the upper pole (own small displacement)
         ap, ar = ADRENAL[side]
         lp, lr = ADRENAL[f"{side}_limb"]
-        pa = place(f"adrenal_{side}", ap[1], shift=(3, 9), rot_sd=6.0, size=0.25)
+        pa = place(f"adrenal_{side}", ap[1], shift=(3, 9), rot_sd=6.0, size=0.25, dz=0.4 * (dz_left if m else dz_right))
         S[f"adrenal_{side}"] = Union([pa.tube(ap, ar, n_sub=2), pa.tube(lp, lr, n_sub=2)], k=2.0)
     anat.params["kidney_labels"] = {"right": 2, "left": 3}
 
@@ -282,17 +292,17 @@ def sample_anatomy(rng: np.random.Generator, *, variation: float = 1.0) -> Anato
     S["portal_link"] = Tube(np.stack([pl.point(PORTAL[0][1])[0], hil_liver]), np.array([7.0, 6.0]))
 
     # stomach, duodenum, colon
-    pl = place("stomach", (-40, 75, 30))
+    pl = place("stomach", (-40, 75, 30), dz=0.6 * dz_left)
     dist = U(0.65, 1.15, 0.9)
     r = np.asarray(STOMACH[1], np.float64) * np.r_[1.0, [dist] * 6, 1.0]
-    S["stomach"] = pl.tube(STOMACH[0], r)
+    S["stomach"] = pl.tube(STOMACH[0], r, n_sub=2)
     anat.params["stomach_gas_depth"] = U(4.0, 35.0)
     pl_d = place("duodenum", (30, 70, -40), shift=(3, 10), size=0.15)
-    S["duodenum"] = pl_d.tube(*DUODENUM)
+    S["duodenum"] = pl_d.tube(*DUODENUM, n_sub=2)
     pl = place("colon", (0, 60, -80), shift=(4, 12), size=0.2)
-    S["colon"] = pl.tube(*COLON)
+    S["colon"] = pl.tube(*COLON, n_sub=2)
     anat.params["colon_gas"] = U(0.2, 0.7)
-    anat.params["bowel_gas"] = U(0.05, 0.3)
+    anat.params["bowel_gas"] = U(0.03, 0.2)
     anat.params["bowel_fill"] = U(0.75, 1.1)
 
     # great vessels along the spine
@@ -385,7 +395,7 @@ def sample_anatomy(rng: np.random.Generator, *, variation: float = 1.0) -> Anato
         return out
     S["psoas"] = paired(PSOAS, True)
     S["quadratus"] = paired(QUADRATUS, False)
-    S["erector"] = paired(ERECTOR, True)
+    S["erector"] = paired(ERECTOR, True) + paired(ERECTOR_LATERAL, True)
     S["gluteus"] = [Ellipsoid(np.array([sx * 88.0 * fx, -40.0, -235.0 * fz]), np.array([52.0, 42.0, 70.0]))
                     for sx in (1.0, -1.0)]
 
@@ -412,7 +422,7 @@ def sample_anatomy(rng: np.random.Generator, *, variation: float = 1.0) -> Anato
             w = float(anat.vb_width(z_head))
             head = np.array([sx * (w + 8.0), anat.y_vb(z_head) - 4.0, z_head])
             arc = np.stack([sx * A * np.sin(phis), y0 - B * np.cos(phis), z_head - drop * (phis / np.pi) ** 0.8], 1)
-            ribs.append(Tube(*smooth_path(np.vstack([head, arc]), np.full(len(arc) + 1, 4.5), 2)))
+            ribs.append(Tube(np.vstack([head, arc]), np.full(len(arc) + 1, 4.5)))
             if k <= 10:
                 cphi = np.linspace(end, np.pi - 0.12, 4)
                 z_end = arc[-1, 2]

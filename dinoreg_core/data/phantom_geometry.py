@@ -49,21 +49,22 @@ class CoordField:
         self.spacing = float(spacing)
         self.step = int(step)
         self.shape = tuple(atlas.shape[1:])
-        self._coarse = atlas[:, ::step, ::step, ::step].contiguous()
+        self._coarse = atlas[:, ::step, ::step, ::step].numpy().copy()
         # atlas distance between neighbouring coarse samples (deformations stretch it a little)
-        self._pad = 1.6 * step * self.spacing + 2.0
+        self._pad = 1.1 * step * self.spacing + 1.0
 
     def crop(self, lo, hi) -> tuple[slice, slice, slice] | None:
         """Voxel slices covering every voxel whose atlas point lies in the box [lo, hi] (mm); None if empty."""
-        lo_t = torch.as_tensor(np.asarray(lo, np.float32) - self._pad).view(3, 1, 1, 1)
-        hi_t = torch.as_tensor(np.asarray(hi, np.float32) + self._pad).view(3, 1, 1, 1)
-        inside = ((self._coarse >= lo_t) & (self._coarse <= hi_t)).all(dim=0)
-        if not bool(inside.any()):
+        lo = (np.asarray(lo, np.float32) - self._pad).reshape(3, 1, 1, 1)
+        hi = (np.asarray(hi, np.float32) + self._pad).reshape(3, 1, 1, 1)
+        c = self._coarse
+        inside = ((c >= lo) & (c <= hi)).all(axis=0)
+        if not inside.any():
             return None
         sl = []
         for ax in range(3):
             other = tuple(a for a in range(3) if a != ax)
-            hit = torch.nonzero(inside.any(dim=other)).flatten()
+            hit = np.flatnonzero(inside.any(axis=other))
             a0 = max(int(hit[0]) * self.step - self.step, 0)
             a1 = min(int(hit[-1]) * self.step + self.step + 1, self.shape[ax])
             sl.append(slice(a0, a1))
@@ -130,16 +131,39 @@ class NoiseField:
         g = g / g.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
         self.lattice = g[None].contiguous()  # (1,C,nx,ny,nz)
 
-    def sample(self, pts: torch.Tensor, channel: int | None = None) -> torch.Tensor:
-        """Field values at points (3,d,h,w) -> (C,d,h,w) (or (d,h,w) for one ``channel``)."""
+    def sample(self, pts: torch.Tensor, channel: int | None = None, stride: int = 2) -> torch.Tensor:
+        """Field values at points (3,d,h,w) -> (C,d,h,w) (or (d,h,w) for one ``channel``).
+
+        The points of a voxel grid vary smoothly, and so does the field: it is sampled every ``stride`` voxels
+        and interpolated trilinearly in between (``stride=1`` samples every point).
+        """
         lat = self.lattice if channel is None else self.lattice[:, channel:channel + 1]
+        size = tuple(pts.shape[1:])
+        if stride > 1 and min(size) > stride:
+            # extend each axis linearly so that it ends on a sample, then take every stride-th point
+            full = [((n - 1 + stride - 1) // stride) * stride + 1 for n in size]
+            ext = pts
+            for ax, (n, m) in enumerate(zip(size, full)):
+                if m > n:
+                    last = ext.narrow(ax + 1, n - 1, 1)
+                    step = last - ext.narrow(ax + 1, n - 2, 1)
+                    k = torch.arange(1, m - n + 1, dtype=pts.dtype).view([-1 if i == ax + 1 else 1 for i in range(4)])
+                    ext = torch.cat([ext, last + k * step], dim=ax + 1)
+            sub = ext[:, ::stride, ::stride, ::stride]
+            out = self._grid_sample(lat, sub)
+            out = F.interpolate(out[None], size=tuple(full), mode="trilinear", align_corners=True)[0]
+            out = out[:, :size[0], :size[1], :size[2]]
+        else:
+            out = self._grid_sample(lat, pts)
+        return out[0] if channel is not None else out
+
+    def _grid_sample(self, lat: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
         lo = torch.as_tensor(self.lo, dtype=torch.float32).view(3, 1, 1, 1)
         ext = torch.as_tensor(self.hi - self.lo, dtype=torch.float32).view(3, 1, 1, 1)
         norm = 2.0 * (pts - lo) / ext - 1.0
         # grid_sample wants (x=W, y=H, z=D) order: lattice dims are (nx, ny, nz) = (D, H, W)
         grid = norm.flip(0).permute(1, 2, 3, 0)[None]
-        out = F.grid_sample(lat, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
-        return out[0] if channel is not None else out
+        return F.grid_sample(lat, grid, mode="bilinear", padding_mode="border", align_corners=True)[0]
 
 
 def upsampled_noise(rng: np.random.Generator, shape, spacing_mm: float, scale_mm: float, channels: int = 1) -> torch.Tensor:
@@ -153,6 +177,29 @@ def upsampled_noise(rng: np.random.Generator, shape, spacing_mm: float, scale_mm
 
 
 # ----------------------------------------------------------------------------------------- shapes (SDFs)
+
+FAR = 1.0e3  # "far outside" value of SDFs evaluated on sub-boxes
+
+
+def _intersect(sl, sub):
+    """Local slices (relative to crop ``sl``) of the overlap of two global crops; None when disjoint."""
+    if sub is None:
+        return None
+    loc = []
+    for g, s in zip(sl, sub):
+        a, b = max(g.start, s.start), min(g.stop, s.stop)
+        if a >= b:
+            return None
+        loc.append(slice(a - g.start, b - g.start))
+    return tuple(loc)
+
+
+def shape_sdf(shape, f: "CoordField", sl, pad: float) -> torch.Tensor:
+    """SDF of any shape on the crop ``sl`` of coordinate field ``f`` (exact within ``pad`` mm of the surface)."""
+    if hasattr(shape, "sdf_in"):
+        return shape.sdf_in(f, sl, pad)
+    return shape.sdf(f.points(sl))
+
 
 def smin(a: torch.Tensor, b: torch.Tensor, k: float) -> torch.Tensor:
     """Smooth minimum (union of SDFs) with blending width ``k`` mm; plain min for k <= 0."""
@@ -181,15 +228,21 @@ class Ellipsoid:
         return np.asarray(self.c) - ext, np.asarray(self.c) + ext
 
     def sdf(self, pts: torch.Tensor) -> torch.Tensor:
-        q = pts - torch.as_tensor(np.asarray(self.c, np.float32)).view(3, 1, 1, 1)
-        if self.R is not None:
-            q = torch.einsum("ji,j...->i...", torch.as_tensor(np.asarray(self.R, np.float32)), q)
-        a = torch.as_tensor(np.asarray(self.a, np.float32)).view(3, 1, 1, 1)
-        u = q / a
-        r = u.square().sum(0).sqrt()
-        g = (u / a).square().sum(0).sqrt()
+        c = np.asarray(self.c, np.float64)
+        R = np.eye(3) if self.R is None else np.asarray(self.R, np.float64)
+        a = np.asarray(self.a, np.float64)
+        d = [pts[i] - float(c[i]) for i in range(3)]
+        r2 = g2 = None
+        for k in range(3):  # local coordinate k = (R^T d)_k
+            qk = d[0] * float(R[0, k]) + d[1] * float(R[1, k]) + d[2] * float(R[2, k])
+            uk = qk * (1.0 / float(a[k]))
+            r2 = uk * uk if r2 is None else r2.addcmul_(uk, uk)
+            vk = uk * (1.0 / float(a[k]))
+            g2 = vk * vk if g2 is None else g2.addcmul_(vk, vk)
+        r = r2.sqrt_()
+        g = g2.sqrt_()
         eps = 1e-3
-        return (r - 1.0) * (r + eps) / (g + eps / float(np.min(self.a)))
+        return (r - 1.0) * (r + eps) / (g + eps / float(a.min()))
 
 
 @dataclass
@@ -206,23 +259,46 @@ class Tube:
         rmax = float(np.max(self.r))
         return np.min(self.p, 0) - rmax, np.max(self.p, 0) + rmax
 
+    def _segments(self):
+        p = np.asarray(self.p, np.float64)
+        r = np.asarray(self.r, np.float64)
+        return [(p[i], p[i + 1], float(r[i]), float(r[i + 1])) for i in range(len(p) - 1)]
+
+    @staticmethod
+    def _segment_sdf(pts: torch.Tensor, a, b, ra: float, rb: float) -> torch.Tensor:
+        ab = b - a
+        L2 = float(ab @ ab)
+        dx, dy, dz = pts[0] - float(a[0]), pts[1] - float(a[1]), pts[2] - float(a[2])
+        if L2 < 1e-9:
+            t = torch.zeros_like(dx)
+        else:
+            t = ((dx * float(ab[0]) + dy * float(ab[1]) + dz * float(ab[2])) * (1.0 / L2)).clamp_(0.0, 1.0)
+        ex, ey, ez = dx - t * float(ab[0]), dy - t * float(ab[1]), dz - t * float(ab[2])
+        return (ex * ex + ey * ey + ez * ez).sqrt_() - (ra + t * (rb - ra))
+
     def sdf(self, pts: torch.Tensor) -> torch.Tensor:
-        p = np.asarray(self.p, np.float32)
-        r = np.asarray(self.r, np.float32)
         best = None
-        for i in range(len(p) - 1):
-            a = torch.as_tensor(p[i]).view(3, 1, 1, 1)
-            ab_np = p[i + 1] - p[i]
-            L2 = float(ab_np @ ab_np)
-            ab = torch.as_tensor(ab_np).view(3, 1, 1, 1)
-            ap = pts - a
-            if L2 < 1e-9:
-                t = torch.zeros_like(ap[0])
-            else:
-                t = ((ap * ab).sum(0) / L2).clamp(0.0, 1.0)
-            d = (ap - t[None] * ab).square().sum(0).sqrt() - (r[i] + t * (r[i + 1] - r[i]))
+        for a, b, ra, rb in self._segments():
+            d = self._segment_sdf(pts, a, b, ra, rb)
             best = d if best is None else torch.minimum(best, d)
         return best
+
+    def sdf_in(self, f: "CoordField", sl, pad: float) -> torch.Tensor:
+        """SDF on the crop ``sl`` of ``f``, exact within ``pad`` mm of the tube and >= ``pad`` farther away.
+
+        Each segment is evaluated only inside its own bounding box (much cheaper for long, curved tubes)."""
+        shape = tuple(s.stop - s.start for s in sl)
+        out = torch.full(shape, FAR)
+        for a, b, ra, rb in self._segments():
+            e = max(ra, rb) + pad
+            sub = f.crop(np.minimum(a, b) - e, np.maximum(a, b) + e)
+            loc = _intersect(sl, sub)
+            if loc is None:
+                continue
+            pts = f.atlas[(slice(None),) + tuple(slice(g.start + l.start, g.start + l.stop) for g, l in zip(sl, loc))]
+            view = out[loc]
+            torch.minimum(view, self._segment_sdf(pts, a, b, ra, rb), out=view)
+        return out
 
 
 @dataclass
@@ -242,6 +318,12 @@ class Union:
             d = smin(d, s.sdf(pts), self.k)
         return d
 
+    def sdf_in(self, f, sl, pad):
+        d = shape_sdf(self.parts[0], f, sl, pad + self.k)
+        for s in self.parts[1:]:
+            d = smin(d, shape_sdf(s, f, sl, pad + self.k), self.k)
+        return d
+
 
 @dataclass
 class Subtract:
@@ -256,6 +338,9 @@ class Subtract:
 
     def sdf(self, pts):
         return -smin(-self.base.sdf(pts), self.cut.sdf(pts), self.k)
+
+    def sdf_in(self, f, sl, pad):
+        return -smin(-shape_sdf(self.base, f, sl, pad + self.k), shape_sdf(self.cut, f, sl, pad + self.k), self.k)
 
 
 def smooth_path(points, radii, n_sub: int = 3) -> tuple[np.ndarray, np.ndarray]:
