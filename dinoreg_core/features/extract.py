@@ -12,7 +12,8 @@ zero-pads at the far end instead and the last token overhangs the image.
 Full volume or windows. :func:`estimate_memory_bytes` predicts the peak activation memory of one forward pass
 from the token count, embedding width, MLP width and the number of returned blocks (it assumes a fused
 scaled-dot-product-attention kernel, which PyTorch uses on CPU (float32) and CUDA, so attention costs O(tokens)
-memory; measured on CPU the estimate is within ~1.5x of the RSS increase, see bench/features_dino3d.py).
+memory; measured on CPU it is conservative, 1.3-1.9x the RSS increase of a full pass, see
+results/bench/features_dino3d.csv).
 When it exceeds ``memory_budget_gb`` the volume is processed in overlapping windows (default: the
 pretraining crop, ``pos_grid * patch_size`` voxels per axis, stride ``(1 - overlap)`` of it) whose token
 features are blended with Gaussian (sigma = window/4) or linear-ramp weights. One window plus the float32
