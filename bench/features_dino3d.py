@@ -41,8 +41,7 @@ def _child(args) -> dict:
 
     import torch
 
-    from dinoreg_core.features.extract import (ExtractConfig, estimate_memory_bytes, extract_features,
-                                               plan_extraction, prepare_image)
+    from dinoreg_core.features.extract import ExtractConfig, extract_features, plan_extraction, prepare_image
     from dinoreg_core.models.vit3d import CONFIGS, ViT3D
 
     torch.manual_seed(0)
@@ -55,7 +54,8 @@ def _child(args) -> dict:
     img = torch.rand((1, 1) + size, device=device)
     budget = args.budget
     if args.mode == "sliding":
-        budget = 1.05 * estimate_memory_bytes(cfg, cfg.pos_grid, 1, 2 if device.type == "cuda" else 4) / 2 ** 30
+        grid = [-(-s // cfg.patch_size) for s in size]
+        budget = sliding_budget_gb(cfg, grid, 2 if device.type == "cuda" else 4)
     ecfg = ExtractConfig(memory_budget_gb=budget, progress=False)
     bpe = 2 if device.type == "cuda" else 4
     plan = plan_extraction(cfg, prepare_image(img, cfg.patch_size).shape[2:], ecfg, bytes_per_el=bpe)
@@ -79,6 +79,14 @@ def _child(args) -> dict:
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "shape": list(feats.shape)}
+
+
+def sliding_budget_gb(cfg, grid, bytes_per_el: int) -> float:
+    """A memory budget just above one pretraining-crop window plus the blending accumulators (forces windows)."""
+    from dinoreg_core.features.extract import estimate_memory_bytes
+
+    acc = 4 * math.prod(grid) * (2 * cfg.embed_dim + 1)
+    return 1.05 * (estimate_memory_bytes(cfg, cfg.pos_grid, 1, bytes_per_el) + acc) / 2 ** 30
 
 
 def _machine() -> str:
@@ -133,7 +141,7 @@ def main(argv=None) -> int:
     machine = _machine()
     rows = []
     sys.path.insert(0, str(ROOT))
-    from dinoreg_core.features.extract import ExtractConfig, estimate_memory_bytes, plan_extraction
+    from dinoreg_core.features.extract import ExtractConfig, plan_extraction
     from dinoreg_core.models.vit3d import CONFIGS
 
     for config in args.configs:
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
                        "memory_budget_gb": args.budget, "device": args.device, "mode": mode}
                 if mode == "sliding":
                     bpe = 2 if args.device.startswith("cuda") else 4
-                    budget = 1.05 * estimate_memory_bytes(cfg, cfg.pos_grid, 1, bpe) / 2 ** 30
+                    budget = sliding_budget_gb(cfg, grid, bpe)
                     plan = plan_extraction(cfg, [g * cfg.patch_size for g in grid],
                                            ExtractConfig(memory_budget_gb=budget), bytes_per_el=bpe)
                     if plan.mode != "sliding":
