@@ -88,9 +88,9 @@ class PhantomConfig:
     fov_jitter_mm: float = 5.0
     fov_centre_mm: tuple = (0.0, 45.0, -20.0)
     breath_mm: tuple = (0.0, 15.0)
-    mr_breath_change_mm: tuple = (8.0, 18.0)
-    mr_pose_mm: float = 6.0
-    mr_pose_deg: float = 3.0
+    mr_breath_change_mm: tuple = (6.0, 15.0)
+    mr_pose_mm: float = 4.0
+    mr_pose_deg: float = 2.0
     threads: int = 1
     workers: int = 2
 
