@@ -306,9 +306,10 @@ def load_official_checkpoint(path: str | Path, *, arch: str | None = None, num_h
 
 def _no_weights_error(tried: str, arch: str) -> DinoregError:
     return DinoregError(
-        f"No DINOv2 weights found ({tried}); give options['weights'] as a local Hugging Face folder, a hub id "
-        f"already in the local cache, or an official checkpoint file such as dinov2_{arch}_pretrain.pth "
-        f"(or set ${WEIGHTS_ENV}), since nothing is downloaded unless allow_download is true.")
+        f"No DINOv2 weights found ({tried}); give them (dinoreg register --weights, or options['weights']) as a "
+        f"local Hugging Face folder, a hub id already in the local cache, or an official checkpoint file such as "
+        f"dinov2_{arch}_pretrain.pth (or set ${WEIGHTS_ENV}), since nothing is downloaded unless allow_download "
+        f"is true.")
 
 
 def load_backbone(cfg: Dinov2SliceConfig) -> torch.nn.Module:
