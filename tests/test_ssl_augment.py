@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dinoreg_core.data.augment import (AugmentConfig, contrast, flip_tokens, flip_volume, gamma, gaussian_blur, gin,
-                                       intensity_augment, make_views, random_crop_box, resample_box)
+                                       intensity_augment, make_views, random_crop_box, random_zoom_box, resample_box)
 from dinoreg_core.ssl.heads import DINOHead
 from dinoreg_core.ssl.masking import random_block_mask
 from dinoreg_core.ssl.meta import SSLNet
@@ -97,6 +97,16 @@ def test_crop_box_and_resampling():
         assert all(s >= 0 and s + e <= n + 1e-6 for s, e, n in zip(start, size, shape))
         frac = size[0] * size[1] * size[2] / (50 * 40 * 30)
         assert frac <= 0.4 + 1e-6
+    # zoom mode: edges of about out_size * zoom voxels (aspect jitter 4/3), whatever the volume size
+    big = (200, 180, 160)
+    for _ in range(50):
+        start, size = random_zoom_box(big, 32, (0.8, 1.25), 4 / 3, g)
+        vol = size[0] * size[1] * size[2]
+        assert 0.8 ** 3 * 32 ** 3 - 1e-3 <= vol <= 1.25 ** 3 * 32 ** 3 + 1e-3
+        assert all(0.8 * 32 * 0.75 - 1e-6 <= e <= 1.25 * 32 * 1.34 for e in size)
+        assert all(s >= 0 and s + e <= n + 1e-6 for s, e, n in zip(start, size, big))
+    start, size = random_zoom_box((20, 20, 20), 32, (1.0, 1.0), 1.0, g)          # clipped to a small volume
+    assert size == (20.0, 20.0, 20.0)
     x = torch.rand(1, 16, 12, 10)
     # a box on voxel boundaries resampled at its own size is an exact copy of the sub-volume
     assert torch.allclose(resample_box(x, (4, 2, 0), (8, 8, 8), 8), x[:, 4:12, 2:10, 0:8], atol=1e-5)

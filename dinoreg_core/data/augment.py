@@ -8,12 +8,14 @@ resumed and multi-process training exact).
 Views of one sample (:func:`make_views`):
 
 * ``n_global`` global crops (random-resized, volume fraction in ``global_scale``, resampled to
-  ``global_size``^3). The *teacher* sees each global crop as it is; the *student* sees the same crop with
+  ``global_size``^3; or, when ``global_zoom`` is set, a box of ``global_size * zoom`` voxels per edge with the
+  zoom drawn log-uniformly in ``global_zoom``, so the crop keeps about the native voxel size: what registration
+  features at a fixed resolution need). The *teacher* sees each global crop as it is; the *student* sees the same crop with
   intensity augmentation (bias field, gamma, contrast, noise, blur), GIN, and random flips along each axis.
   Because the flips are recorded, the student's patch tokens can be flipped back (:func:`flip_tokens`) onto
   the teacher's token grid, so the iBOT targets of the dense features stay aligned.
-* ``n_local`` local crops (smaller volume fraction ``local_scale``, resampled to ``local_size``^3), seen by
-  the student only, with intensity augmentation, GIN and flips. Their token grid is smaller than the
+* ``n_local`` local crops (smaller volume fraction ``local_scale``, or ``local_size * zoom`` voxels with the zoom
+  in ``local_zoom``, resampled to ``local_size``^3), seen by the student only, with intensity augmentation, GIN and flips. Their token grid is smaller than the
   position-embedding grid; the ViT resamples its position embedding to it.
 
 GIN (global intensity non-linear augmentation, Ouyang et al. 2022): a freshly drawn, shallow random conv net
@@ -42,6 +44,8 @@ class AugmentConfig:
     local_size: int = 48                     # edge of the resampled local crop
     global_scale: tuple = (0.35, 1.0)        # fraction of the volume's voxels covered by a global crop
     local_scale: tuple = (0.05, 0.35)        # fraction covered by a local crop
+    global_zoom: tuple | None = None         # if set: crop edge = global_size * zoom voxels, zoom log-uniform here
+    local_zoom: tuple | None = None          # if set: crop edge = local_size * zoom voxels
     max_aspect: float = 4 / 3                # crop edge ratios drawn log-uniformly in [1/max_aspect, max_aspect]
     flip_prob: float = 0.5                   # per axis, student views
     bias_field_prob: float = 0.3             # smooth multiplicative field exp(N(0, strength)) on a 4^3 grid
@@ -62,6 +66,10 @@ class AugmentConfig:
         self.global_scale = tuple(float(v) for v in self.global_scale)
         self.local_scale = tuple(float(v) for v in self.local_scale)
         self.contrast_range = tuple(float(v) for v in self.contrast_range)
+        if self.global_zoom is not None:
+            self.global_zoom = tuple(float(v) for v in self.global_zoom)
+        if self.local_zoom is not None:
+            self.local_zoom = tuple(float(v) for v in self.local_zoom)
 
 
 def _u(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
@@ -85,6 +93,19 @@ def random_crop_box(shape: tuple[int, int, int], scale: tuple[float, float], max
     logs = [_u(g, -la, la) for _ in range(3)]
     m = sum(logs) / 3.0
     size = [min(1.0, frac ** (1.0 / 3.0) * math.exp(l - m)) * n for l, n in zip(logs, shape)]
+    start = [_u(g) * (n - s) for n, s in zip(shape, size)]
+    return tuple(start), tuple(size)
+
+
+def random_zoom_box(shape: tuple[int, int, int], out_size: int, zoom: tuple[float, float], max_aspect: float,
+                    g: torch.Generator) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """A random box of about ``out_size * z`` voxels per edge, z log-uniform in ``zoom`` (edge ratios jittered by
+    ``max_aspect``), clipped to the (D,H,W) volume. Returns (start, size) in voxels."""
+    z = math.exp(_u(g, math.log(zoom[0]), math.log(zoom[1])))
+    la = math.log(max_aspect)
+    logs = [_u(g, -la, la) for _ in range(3)]
+    m = sum(logs) / 3.0
+    size = [min(float(n), out_size * z * math.exp(l - m)) for l, n in zip(logs, shape)]
     start = [_u(g) * (n - s) for n, s in zip(shape, size)]
     return tuple(start), tuple(size)
 
@@ -251,14 +272,20 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> 
     shape = tuple(x.shape[1:])
     tg, sg, sf, loc = [], [], [], []
     for _ in range(cfg.n_global):
-        start, size = random_crop_box(shape, cfg.global_scale, cfg.max_aspect, g)
+        if cfg.global_zoom is not None:
+            start, size = random_zoom_box(shape, cfg.global_size, cfg.global_zoom, cfg.max_aspect, g)
+        else:
+            start, size = random_crop_box(shape, cfg.global_scale, cfg.max_aspect, g)
         crop = resample_box(x, start, size, cfg.global_size)
         flips = random_flips(g, cfg.flip_prob)
         tg.append(crop)
         sg.append(flip_volume(intensity_augment(crop, cfg, g), flips))
         sf.append(flips)
     for _ in range(cfg.n_local):
-        start, size = random_crop_box(shape, cfg.local_scale, cfg.max_aspect, g)
+        if cfg.local_zoom is not None:
+            start, size = random_zoom_box(shape, cfg.local_size, cfg.local_zoom, cfg.max_aspect, g)
+        else:
+            start, size = random_crop_box(shape, cfg.local_scale, cfg.max_aspect, g)
         crop = resample_box(x, start, size, cfg.local_size)
         loc.append(flip_volume(intensity_augment(crop, cfg, g), random_flips(g, cfg.flip_prob)))
     empty = torch.zeros(0, 1, cfg.local_size, cfg.local_size, cfg.local_size)
