@@ -45,11 +45,11 @@ LABELS = {
 # y_vb(z) (the vertebral body centre line) added to their y.
 
 LIVER_BLOBS = [  # centre, semi-axes, rotation (deg about x, y, z)
-    ((70, 50, 32), (71, 77, 88), (0, 0, -10)),
-    ((86, 40, -30), (46, 48, 50), (0, 0, 0)),
-    ((8, 88, 52), (55, 41, 43), (0, 0, 0)),
-    ((-46, 92, 60), (48, 28, 32), (0, 0, 15)),
-    ((22, 36, 44), (25, 25, 36), (0, 0, 0)),
+    ((70, 50, 32), (73, 79, 90), (0, 0, -10)),
+    ((86, 40, -30), (47, 49, 51), (0, 0, 0)),
+    ((8, 88, 52), (56, 42, 44), (0, 0, 0)),
+    ((-46, 92, 60), (49, 29, 33), (0, 0, 15)),
+    ((22, 36, 44), (26, 26, 37), (0, 0, 0)),
 ]
 GALLBLADDER = ((56, 92, -10), (14, 16, 36), (35, 0, -20))
 SPLEEN = ((-98, -4, 24), (27, 57, 66), (0, 0, -32))
@@ -296,12 +296,12 @@ def sample_anatomy(rng: np.random.Generator, *, variation: float = 1.0) -> Anato
     dist = U(0.65, 1.15, 0.9)
     r = np.asarray(STOMACH[1], np.float64) * np.r_[1.0, [dist] * 6, 1.0]
     S["stomach"] = pl.tube(STOMACH[0], r, n_sub=2)
-    anat.params["stomach_gas_depth"] = U(4.0, 35.0)
+    anat.params["stomach_gas_depth"] = U(3.0, 25.0)
     pl_d = place("duodenum", (30, 70, -40), shift=(3, 10), size=0.15)
     S["duodenum"] = pl_d.tube(*DUODENUM, n_sub=2)
     pl = place("colon", (0, 60, -80), shift=(4, 12), size=0.2)
     S["colon"] = pl.tube(*COLON, n_sub=2)
-    anat.params["colon_gas"] = U(0.2, 0.7)
+    anat.params["colon_gas"] = U(0.1, 0.45)
     anat.params["bowel_gas"] = U(0.03, 0.2)
     anat.params["bowel_fill"] = U(0.75, 1.1)
 

@@ -180,7 +180,8 @@ class Body:
         ty = cy * (dy / 95.0) ** 2
         right = d["zR"] - 110.0 * ((x - 50.0 * fx) / (110.0 * fx)) ** 2 - ty
         left = d["zL"] - 110.0 * ((x + 55.0 * fx) / (110.0 * fx)) ** 2 - ty
-        return torch.maximum(right, left)
+        # the deepest (postero-lateral) recesses reach about T12/L1, not lower
+        return torch.maximum(torch.maximum(right, left), torch.tensor(min(d["zR"], d["zL"]) - 70.0))
 
 
 # ------------------------------------------------------------------------------------------ painting
@@ -258,7 +259,8 @@ def rasterize(anat: Anatomy, noise: SubjectNoise, f: CoordField) -> tuple[torch.
     abd = cav & (P[2] < zd - 5.0)
     cv.tissue[~outside] = T["skin"]
     cv.tissue[inside] = T["fat"]
-    cv.tissue[body.r(P, body.muscle, sec) < 1.0] = T["muscle"]
+    muscle_outer = body.r(P, body.muscle, sec) < 1.0
+    cv.tissue[muscle_outer] = T["muscle"]
     del sec
     cv.tissue[cav] = T["fat"]
 
@@ -379,7 +381,9 @@ def rasterize(anat: Anatomy, noise: SubjectNoise, f: CoordField) -> tuple[torch.
         sl, d, m = out
         cv.put(sl, m & (d < -6.0), T["gas"], 5)
 
-    # 6. muscles
+    # 6. muscles: the back muscle mass (erector spinae, multifidus) fills the space between the spine and the
+    # posterior wall; psoas, quadratus lumborum, erector columns and gluteal muscles on top
+    _paint_back_muscles(cv, f, anat, muscle_outer)
     for key in ("psoas", "quadratus", "erector", "gluteus"):
         for s in S[key]:
             _paint(cv, f, s, T["muscle"], 0, clip=inside)
@@ -395,6 +399,20 @@ def rasterize(anat: Anatomy, noise: SubjectNoise, f: CoordField) -> tuple[torch.
     cv.tissue[outside] = T["air"]
     cv.label[outside] = 0
     return cv.tissue, cv.label
+
+
+def _paint_back_muscles(cv: Canvas, f: CoordField, anat: Anatomy, muscle_outer: torch.Tensor) -> None:
+    """Muscle between the vertebral arches and the posterior wall: an ellipse (x half-width ~65 mm) centred
+    about 40 mm behind the vertebral body, kept inside the muscle layer (not in the subcutaneous fat)."""
+    zt, yt = anat.spine["z_tab"], anat.spine["y_tab"]
+    sl = f.crop((-90.0, float(yt.min()) - 130.0, -1000.0), (90.0, float(yt.max()), 1000.0))
+    if sl is None:
+        return
+    P = f.points(sl)
+    yv = torch.as_tensor(np.interp(P[2].numpy(), zt, yt).astype(np.float32))
+    half = 62.0 * anat.params["fx"]
+    m = ((P[0] / half).square() + ((P[1] - yv + 40.0) / 42.0).square() < 1.0) & (P[1] < yv - 12.0)
+    cv.put(sl, m & muscle_outer[sl] & (cv.tissue[sl] != T["lung"]), T["muscle"], 0)
 
 
 def _paint_spine(cv: Canvas, f: CoordField, anat: Anatomy, shell: float) -> None:
