@@ -79,7 +79,7 @@ def _phantom_subject(seed: int):
     from .labels import L2R_ABDOMEN_CT
 
     cfg = phantom.PhantomConfig(n_subjects=1)
-    subj = phantom.generate_subject(seed, cfg)
+    subj = phantom.generate_subject(seed, cfg, with_mr=False)
     aff = np.asarray(subj["affine"], dtype=np.float64)
     img = io.Volume(np.asarray(subj["ct"], np.float32), aff)
     lab = io.Volume(np.asarray(subj["labels"], np.int32), aff)
