@@ -139,8 +139,25 @@ def test_cli_style_string_options(tiny_dir):
 # official checkpoint layout
 
 
+def _modern_names(hf_sd: dict) -> dict:
+    """transformers 4.x Dinov2 key names -> the >= 5 names (identity on >= 5 state dicts)."""
+    out = {}
+    for k, v in hf_sd.items():
+        k = (k.replace("attention.attention.query", "attention.q_proj").replace("attention.attention.key",
+             "attention.k_proj").replace("attention.attention.value", "attention.v_proj")
+             .replace("attention.output.dense", "attention.o_proj").replace("mlp.weights_out", "mlp.down_proj"))
+        if ".mlp.weights_in." in k:
+            gate, up = v.chunk(2, dim=0)
+            out[k.replace("weights_in", "gate_proj")] = gate
+            out[k.replace("weights_in", "up_proj")] = up
+            continue
+        out[k] = v
+    return out
+
+
 def _hf_to_official(hf_sd: dict) -> dict:
     """Test helper: the official facebookresearch/dinov2 key layout built from a tiny HF model."""
+    hf_sd = _modern_names(hf_sd)
     sd = {}
     for k, v in hf_sd.items():
         m = re.match(r"encoder\.layer\.(\d+)\.(.+)$", k)

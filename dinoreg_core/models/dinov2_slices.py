@@ -23,12 +23,14 @@ Steps of :func:`extract_dinov2_features` (image (1,1,D,H,W), roughly [0,1], see 
    one plane per image slice (same size and spacing as the image along it) and each in-plane axis has t
    tokens. Token centre t of an axis with n voxels lies at voxel coordinate (t + 0.5) * n / T - 0.5
    (spacing n / T voxels), i.e. the ``align_corners=False`` convention, so trilinear upsampling with
-   ``align_corners=False`` back to (D,H,W) puts every feature where it was computed. Example: axial slices of
-   a 192x160x192 volume with target_tokens=64 give (1, C, 64, 53, 192).
+   ``align_corners=False`` back to (D,H,W) puts every feature where it was computed; in mm the token spacing
+   is n * spacing / T. Example: axial slices of a 192x160x192 volume at 2 mm with target_tokens=64 give
+   (1, C, 64, 53, 192) with spacings (6.0, 6.04, 2.0) mm; for ViT-L (C=1024) that is 2.7 GB of float32.
+   With ``slice_axis="all"`` the three volumes (each on its own grid) are resampled trilinearly
+   (``align_corners=False``) to one token grid: along each axis the larger of the two token counts that axis
+   gets as an in-plane axis (e.g. (64, 53, 64) for 192x160x192), then concatenated or averaged.
 6. Every k-th slice (``every_k`` > 1, the authors' baseline uses 6): only slices 0, k, 2k, ... and the last
    slice are encoded; the planes between are linear interpolations of the two nearest encoded planes.
-   With ``slice_axis="all"`` the three feature volumes (on different grids) are first resampled trilinearly
-   (``align_corners=False``) to the common token grid (T_D, T_H, T_W), the in-plane token counts along each axis.
 
 Backbones (``weights`` option):
 
@@ -261,7 +263,7 @@ def _to_legacy_names(hf_sd: dict) -> dict:
 
 def load_official_checkpoint(path: str | Path, *, arch: str | None = None, num_heads: int | None = None):
     """Build a Hugging Face Dinov2(WithRegisters)Model from an official ``.pth`` (loaded with weights_only=True)."""
-    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+    import transformers
 
     path = Path(path)
     try:
@@ -283,9 +285,12 @@ def load_official_checkpoint(path: str | Path, *, arch: str | None = None, num_h
     if cfg["hidden_size"] % cfg["num_attention_heads"]:
         raise DinoregError(f"The DINOv2 checkpoint {path} has width {cfg['hidden_size']}, not divisible by "
                            f"{cfg['num_attention_heads']} heads; set the num_heads option.")
-    registers = "num_register_tokens" in cfg
-    config = Dinov2WithRegistersConfig(**cfg) if registers else Dinov2Config(**cfg)
-    model = (Dinov2WithRegistersModel if registers else Dinov2Model)(config)
+    prefix = "Dinov2WithRegisters" if "num_register_tokens" in cfg else "Dinov2"
+    if not hasattr(transformers, prefix + "Model"):
+        raise DinoregError(f"The DINOv2 checkpoint {path} has register tokens, which need transformers >= 4.48 "
+                           f"(installed: {transformers.__version__}).")
+    config = getattr(transformers, prefix + "Config")(**cfg)
+    model = getattr(transformers, prefix + "Model")(config)
     try:
         hf_sd = official_to_hf(sd, cfg["num_hidden_layers"])
     except KeyError as e:
