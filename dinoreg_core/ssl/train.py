@@ -434,6 +434,12 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
             set_rng_state(ck["rng"][rank])
         if master:
             print(f"dinoreg pretrain: resumed {ckpt_path} at step {step}", file=sys.stderr)
+            if ck.get("data") != source.describe():
+                print(f"dinoreg pretrain: warning: the data {source.describe()} differ from the checkpoint's "
+                      f"{ck.get('data')}; the sample stream continues on the new data", file=sys.stderr)
+            if len(ck["rng"]) != world:
+                print(f"dinoreg pretrain: warning: {world} processes now, {len(ck['rng'])} before; RNG states "
+                      f"(drop path) are reseeded instead of restored", file=sys.stderr)
     elif resume and master:
         print(f"dinoreg pretrain: no checkpoint in {out}; starting a new run there", file=sys.stderr)
 
@@ -441,6 +447,7 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         rngs = D.gather_objects(rng_state())
         if master:
             state = {"step": step, "samples": samples, "world_size": world, "config": config_to_dict(cfg),
+                     "data": source.describe(),
                      "student": student.state_dict(), "teacher": teacher.state_dict(),
                      "dino_center": dino_center.state_dict(), "ibot_center": ibot_center.state_dict(),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs}
