@@ -71,7 +71,7 @@ def run_case(case: str, data: Path, work: Path, args) -> dict:
     params = sum(v.numel() for k, v in torch.load(run / "checkpoint.pt", weights_only=True)["student"].items()
                  if k.startswith("backbone."))
     return {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "machine": f"{platform.node() and 'vm'} {platform.machine()} {os.cpu_count()} cpus",
+            "machine": f"{platform.system()} {platform.machine()} {os.cpu_count()} cpus",
             "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(), "model": model,
             "params_m": round(params / 1e6, 3), "global_size": int(g), "local_size": int(l), "n_local": int(nl),
             "batch_size": int(b), "head_out_dim": args.head_out_dim, "steps_timed": len(rows) - args.skip,
