@@ -24,11 +24,11 @@ Cases (weights are random: the cost does not depend on their values):
 * ``mind``: MIND-SSC (12 channels) at full resolution, as the pipeline uses it.
 
 Extrapolation: a dinov2 case that would encode more slices than its ``max_encoded`` (CPU only) is measured
-on two sub-volumes (the first (m-1)*k+1 slices, i.e. m encoded slices, for m = max_encoded/2 and max_encoded)
-and extrapolated to the whole volume: time proportionally to the number of encoded slices (least-squares
-seconds per encoded slice over the two runs), memory linearly in the number of output slices (line through the
-two runs; the slice-dependent part is the output feature volume); such rows have ``extrapolated = yes`` and
-the measured points in ``note``.
+on a sub-volume, the first (m-1)*k+1 slices (m = max(max_encoded, batch size) encoded slices, so at least one
+full batch), and extrapolated to the whole volume: time proportionally to the number of encoded slices (the
+slices are encoded independently, batch by batch), memory by adding one float32 output plane (C x ta x tb) per
+missing slice (the output volume is the only allocation that grows with the slice count). Such rows have
+``extrapolated = yes`` and the measured numbers in ``note``.
 
 Usage::
 
@@ -66,7 +66,7 @@ CASES = {
     "dinov2_s14_matched": dict(method="dinov2", config="vits14", setting="matched", max_encoded=None),
     "dinov2_l14_matched": dict(method="dinov2", config="vitl14", setting="matched", max_encoded=4),
     "dinov2_s14_authors": dict(method="dinov2", config="vits14", setting="authors", max_encoded=8),
-    "dinov2_l14_authors": dict(method="dinov2", config="vitl14", setting="authors", max_encoded=2),
+    "dinov2_l14_authors": dict(method="dinov2", config="vitl14", setting="authors", max_encoded=4),
 }
 # real DINOv2 sizes (width, depth, heads), native 518 px (37 x 37 position embeddings)
 DINOV2_SIZES = {"vits14": (384, 12, 6), "vitb14": (768, 12, 12), "vitl14": (1024, 24, 16), "vitg14": (1536, 40, 24)}
@@ -180,46 +180,35 @@ def _subprocess(case: str, shape, device: str, slices: int | None, timeout: floa
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _line(x1, y1, x2, y2, x):
-    """Value at x of the line through (x1, y1), (x2, y2)."""
-    return y1 + (y2 - y1) * (x - x1) / (x2 - x1)
-
-
-def _rate(x1, y1, x2, y2):
-    """Least-squares slope of y = r * x through the origin (robust to timing noise on a shared machine)."""
-    return (x1 * y1 + x2 * y2) / (x1 * x1 + x2 * x2)
-
-
 def measure(case: str, shape, device: str, max_encoded: int | None, timeout: float | None, threads: int) -> dict:
-    """Measure a case on the whole volume, or extrapolate from two sub-volumes (see the module docstring)."""
+    """Measure a case on the whole volume, or extrapolate from a sub-volume (see the module docstring)."""
     from dinoreg_core.models.dinov2_slices import _encoded_slices
 
     spec = CASES[case]
-    if spec["method"] != "dinov2" or device != "cpu" or not max_encoded:
-        row = _subprocess(case, shape, device, None, timeout, threads)
-        row.update(extrapolated="no")
-        row["encoded_slices"] = (len(_encoded_slices(shape[2], dinov2_options(spec["setting"], shape)["every_k"]))
-                                 if spec["method"] == "dinov2" else "")
-        return row
-    k = dinov2_options(spec["setting"], shape)["every_k"]
-    total = len(_encoded_slices(shape[2], k))
-    if total <= max_encoded:
+    total = ""
+    if spec["method"] == "dinov2":
+        opts = dinov2_options(spec["setting"], shape)
+        total = len(_encoded_slices(shape[2], opts["every_k"]))
+    if spec["method"] != "dinov2" or device != "cpu" or not max_encoded or total <= max_encoded:
         row = _subprocess(case, shape, device, None, timeout, threads)
         row.update(extrapolated="no", encoded_slices=total)
         return row
-    m1, m2 = max(1, max_encoded // 2), max_encoded
-    n1, n2 = (m1 - 1) * k + 1, (m2 - 1) * k + 1
-    a = _subprocess(case, shape, device, n1, timeout, threads)
-    b = _subprocess(case, shape, device, n2, timeout, threads)
-    row = dict(b)
+    k = opts["every_k"]
+    m = max(max_encoded, opts["batch_size"])  # at least one full batch: activation memory at its peak
+    n_sub = (m - 1) * k + 1  # slices 0, k, ..., (m-1)k are encoded
+    sub = _subprocess(case, shape, device, n_sub, timeout, threads)
+    channels, ta, tb = sub["feature_shape"][1:4]
+    slice_mb = channels * ta * tb * 4 / 2**20  # one float32 output plane
+    row = dict(sub)
     row["slices"] = shape[2]
-    row["feature_shape"] = b["feature_shape"][:-1] + [shape[2]]
-    row["time_s"] = _rate(m1, a["time_s"], m2, b["time_s"]) * total
+    row["feature_shape"] = sub["feature_shape"][:-1] + [shape[2]]
+    row["time_s"] = sub["time_s"] * total / m
     for key in ("peak_rss_mb", "mem_mb"):
-        row[key] = _line(n1, a[key], n2, b[key], shape[2])
+        row[key] = sub[key] + (shape[2] - n_sub) * slice_mb
     row.update(extrapolated="yes", encoded_slices=total,
-               note=(f"extrapolated from {m1} and {m2} encoded slices ({n1} and {n2} slices): "
-                     f"{a['time_s']:.1f} s / {a['mem_mb']:.0f} MB and {b['time_s']:.1f} s / {b['mem_mb']:.0f} MB"))
+               note=(f"measured on the first {n_sub} slices ({m} encoded): {sub['time_s']:.1f} s, "
+                     f"{sub['mem_mb']:.0f} MB; time x {total}/{m} encoded slices, memory + {shape[2] - n_sub} "
+                     f"output planes x {slice_mb:.1f} MB"))
     return row
 
 
@@ -255,6 +244,10 @@ def add_ratios(rows: list[dict]) -> None:
             r[f"mem_ratio_vs_dino3d_{ref}"] = round(r[mem_key] / b[mem_key], 2) if b else ""
 
 
+def _fmt(seconds: float) -> str:
+    return f"{seconds:.2f}" if seconds < 10 else f"{seconds:.1f}" if seconds < 1000 else f"{seconds:.0f}"
+
+
 def write_tables(rows: list[dict], info: dict, out_csv: Path) -> None:
     from dinoreg_core.atomic import write_text_atomic
 
@@ -269,16 +262,16 @@ def write_tables(rows: list[dict], info: dict, out_csv: Path) -> None:
              f"Machine: {rows[0]['machine'] if rows else ''}; torch {info['torch']}; load average at start "
              f"{info['load_avg']}. Random weights (cost does not depend on them); each case in a fresh process; "
              f"time = fastest of up to {REPEATS} calls (repeated only while a call takes under {REPEAT_BELOW_S:.0f} s). mem = peak RSS minus RSS after imports (model + activations + features); on "
-             "CUDA the ratios use the GPU peak. Rows marked extrapolated were measured on sub-volumes (the first "
-             "slices) and extrapolated: time proportionally to the encoded slices, memory linearly in the slices "
-             "(see notes). The machine is shared: timings carry the noise of other jobs (load average above).", "",
+             "CUDA the ratios use the GPU peak. Rows marked extrapolated were measured on a sub-volume (the first "
+             "slices, at least one full batch) and extrapolated: time proportionally to the encoded slices, memory "
+             "plus one output plane per missing slice (see notes). The machine is shared: timings carry the noise of other jobs (load average above).", "",
              "| volume | case | feature grid (C,d,h,w) | encoded slices | time (s) | mem (MB) | GPU peak (MB) | "
              "time / dino3d paper | mem / dino3d paper | time / dino3d tiny | mem / dino3d tiny | extrapolated |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         gpu = f"{r['cuda_peak_mb']:.0f}" if isinstance(r.get("cuda_peak_mb"), float) else "-"
         lines.append(f"| {r['volume']} | {r['case']} | {r['feature_shape']} | {r['encoded_slices'] or '-'} | "
-                     f"{r['time_s']:.3g} | {r['mem_mb']:.0f} | {gpu} | {r['time_ratio_vs_dino3d_paper']} | "
+                     f"{_fmt(r['time_s'])} | {r['mem_mb']:.0f} | {gpu} | {r['time_ratio_vs_dino3d_paper']} | "
                      f"{r['mem_ratio_vs_dino3d_paper']} | {r['time_ratio_vs_dino3d_tiny']} | "
                      f"{r['mem_ratio_vs_dino3d_tiny']} | {r['extrapolated']} |")
     notes = [f"- {r['volume']} {r['case']}: {r['note']}" for r in rows if r.get("note")]

@@ -47,19 +47,26 @@ def test_run_case_in_process_small(bench):
 
 
 def test_extrapolation_and_tables(bench, tmp_path, monkeypatch):
-    # fake sub-volume runs: 5 s per encoded slice; memory 100 MB + 2 MB per slice
-    def fake(case, shape, device, slices, timeout, threads):
+    calls = []
+
+    def fake(case, shape, device, slices, timeout, threads):  # 5 s per encoded slice, 300 MB at this size
+        calls.append(slices)
         k = bench.dinov2_options(bench.CASES[case]["setting"], shape)["every_k"]
-        m = (slices - 1) // k + 1
-        return dict(case=case, shape=list(shape), slices=slices, time_s=5.0 * m, peak_rss_mb=400 + 2.0 * slices,
-                    mem_mb=100 + 2.0 * slices, cuda_peak_mb=None, feature_shape=[1, 1024, 48, 40, slices], note="")
+        n = slices or shape[2]
+        m = (n - 1) // k + 1
+        return dict(case=case, shape=list(shape), slices=n, time_s=5.0 * m, peak_rss_mb=600.0,
+                    mem_mb=300.0, cuda_peak_mb=None, feature_shape=[1, 1024, 64, 64, n], note="")
 
     monkeypatch.setattr(bench, "_subprocess", fake)
     row = bench.measure("dinov2_l14_authors", (192, 160, 192), "cpu", 2, None, 1)
+    assert calls == [19]  # at least one full batch of 4 encoded slices: 0, 6, 12, 18
     assert row["extrapolated"] == "yes" and row["encoded_slices"] == 33  # 0, 6, ..., 186 and 191
     assert row["time_s"] == pytest.approx(5.0 * 33)
-    assert row["mem_mb"] == pytest.approx(100 + 2.0 * 192)
-    assert row["feature_shape"] == [1, 1024, 48, 40, 192]
+    assert row["mem_mb"] == pytest.approx(300 + (192 - 19) * 1024 * 64 * 64 * 4 / 2**20)
+    assert row["feature_shape"] == [1, 1024, 64, 64, 192]
+    # cases small enough run whole
+    row = bench.measure("dinov2_l14_authors", (64, 64, 13), "cpu", 4, None, 1)
+    assert calls[-1] is None and row["extrapolated"] == "no" and row["encoded_slices"] == 3  # 0, 6, 12
 
     rows = [dict(row, volume="192x160x192", date="d", machine="m", device="cpu", method="dinov2", config="vitl14",
                  setting="authors", load_1min=1.0),
@@ -68,10 +75,10 @@ def test_extrapolation_and_tables(bench, tmp_path, monkeypatch):
                  date="d", machine="m", device="cpu", method="dino3d", config="paper", setting="")]
     bench.add_ratios(rows)
     assert rows[0]["time_ratio_vs_dino3d_paper"] == pytest.approx(15.0)
-    assert rows[0]["mem_ratio_vs_dino3d_paper"] == pytest.approx(2.0)
+    assert rows[0]["mem_ratio_vs_dino3d_paper"] == pytest.approx(round(rows[0]["mem_mb"] / 242.0, 2))
     out = tmp_path / "features_cost.csv"
     bench.write_tables(rows, {"torch": "x", "load_avg": "0"}, out)
     table = list(csv.DictReader(out.open()))
     assert table[0]["case"] == "dinov2_l14_authors" and float(table[0]["time_ratio_vs_dino3d_paper"]) == 15.0
     md = out.with_suffix(".md").read_text()
-    assert "| 192x160x192 | dino3d_paper |" in md and "extrapolated from 1 and 2 encoded slices" in md
+    assert "| 192x160x192 | dino3d_paper |" in md and "measured on the first 19 slices (4 encoded)" in md
