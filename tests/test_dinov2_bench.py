@@ -65,8 +65,8 @@ def test_extrapolation_and_tables(bench, tmp_path, monkeypatch):
     assert row["mem_mb"] == pytest.approx(300 + (192 - 19) * 1024 * 64 * 64 * 4 / 2**20)
     assert row["feature_shape"] == [1, 1024, 64, 64, 192]
     # cases small enough run whole
-    row = bench.measure("dinov2_l14_authors", (64, 64, 13), "cpu", 4, None, 1)
-    assert calls[-1] is None and row["extrapolated"] == "no" and row["encoded_slices"] == 3  # 0, 6, 12
+    small = bench.measure("dinov2_l14_authors", (64, 64, 13), "cpu", 4, None, 1)
+    assert calls[-1] is None and small["extrapolated"] == "no" and small["encoded_slices"] == 3  # 0, 6, 12
 
     rows = [dict(row, volume="192x160x192", date="d", machine="m", device="cpu", method="dinov2", config="vitl14",
                  setting="authors", load_1min=1.0),
