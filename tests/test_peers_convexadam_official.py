@@ -11,6 +11,8 @@ from dinoreg_core.features.mind import mind_ssc
 from dinoreg_core.registration import convex_adam as CA
 from dinoreg_core.registration import warp as W
 
+pytestmark = pytest.mark.filterwarnings("ignore:Default grid_sample and affine_grid behavior:UserWarning")
+
 pytest.importorskip("convexAdam.convex_adam_MIND", reason="official convexadam package not installed "
                     "(pip install convexadam==0.2.0, the [peers] extra)")
 

@@ -56,7 +56,8 @@ def run_worker(python: str, script: Path, arrays: dict, spec: dict, *, what: str
     """Run ``python script IN.npz OUT.npz`` and return (arrays of OUT.npz, info dict).
 
     ``arrays`` go into IN.npz together with ``spec`` (as a JSON string). ``threads`` sets the thread count of
-    ITK, OpenMP and MKL in the child. Failures raise :class:`DinoregError` quoting the child's last error line.
+    ITK, OpenMP and MKL in the child. The worker reports its own peak memory as ``info["peak_rss_mb"]``
+    (see :func:`own_peak_rss_mb`). Failures raise :class:`DinoregError` quoting the child's last error line.
     """
     child_env = {**os.environ, **(env or {})}
     if threads:
@@ -77,6 +78,24 @@ def run_worker(python: str, script: Path, arrays: dict, spec: dict, *, what: str
         with np.load(dst) as z:
             out = {k: z[k] for k in z.files if k != "info"}
             info = json.loads(str(z["info"])) if "info" in z.files else {}
-    # largest peak RSS among the waited-for children of this process so far (this worker is the big one)
-    info["children_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+    if info.get("peak_rss_mb") is None:  # the worker could not read its own high-water mark
+        info["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
     return out, info
+
+
+def own_peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB: ``VmHWM`` of /proc/self/status (Linux).
+
+    Unlike ``ru_maxrss``, which Linux carries over from the parent through fork and exec (a child started by a
+    big process reports at least the parent's size), VmHWM starts afresh with the new program. Elsewhere falls
+    back to ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024.0 if sys.platform != "darwin" else r / 2**20

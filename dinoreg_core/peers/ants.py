@@ -140,7 +140,7 @@ def register(fixed, moving, *, fixed_modality: str, moving_modality: str, device
     settings["python"] = py
     settings["ants_version"] = info.get("ants_version")
     timings = {"registration_s": info.get("registration_s"), "conversion_s": info.get("conversion_s"),
-               "worker_total_s": total, "worker_peak_rss_mb": info.get("children_peak_rss_mb")}
+               "worker_total_s": total, "worker_peak_rss_mb": info.get("peak_rss_mb")}
     return RegistrationOutput(disp, settings, timings)
 
 

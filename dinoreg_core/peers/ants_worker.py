@@ -119,6 +119,15 @@ def field(fixed: np.ndarray, moving: np.ndarray, affine_ras: np.ndarray, transfo
     return {"disp": disp, "warped": warped, "info": {"ants_version": getattr(ants, "__version__", "?")}}
 
 
+def _vmhwm_mb() -> float | None:
+    """This process's peak resident memory (VmHWM, MB), or None where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) / 1024.0 for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: ants_worker.py IN.npz OUT.npz", file=sys.stderr)
@@ -136,6 +145,7 @@ def main(argv: list[str]) -> int:
             print(f"unknown mode {spec['mode']!r}", file=sys.stderr)
             return 2
     tmp = dst + ".tmp.npz"
+    out["info"]["peak_rss_mb"] = _vmhwm_mb()
     np.savez(tmp, disp=out["disp"], warped=out["warped"], info=np.array(json.dumps(out["info"])))
     os.replace(tmp, dst)
     return 0

@@ -116,7 +116,7 @@ def register(fixed, moving, *, fixed_modality: str, moving_modality: str, device
     settings["python"] = py
     settings["torchvision_stub"] = info.get("torchvision_stub")
     timings = {"load_s": info.get("load_s"), "registration_s": info.get("registration_s"),
-               "worker_total_s": time.perf_counter() - t, "worker_peak_rss_mb": info.get("children_peak_rss_mb")}
+               "worker_total_s": time.perf_counter() - t, "worker_peak_rss_mb": info.get("peak_rss_mb")}
     return RegistrationOutput(torch.from_numpy(out["disp"]).float()[None], settings, timings)
 
 

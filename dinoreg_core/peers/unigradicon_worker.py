@@ -117,6 +117,15 @@ def register(fixed: np.ndarray, moving: np.ndarray, affine_ras: np.ndarray, s: d
             "info": info}
 
 
+def _vmhwm_mb() -> float | None:
+    """This process's peak resident memory (VmHWM, MB), or None where /proc is absent."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) / 1024.0 for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def main(argv: list[str]) -> int:
     if argv == ["--probe"]:
         import_packages()
@@ -130,6 +139,7 @@ def main(argv: list[str]) -> int:
         spec = json.loads(str(z["spec"]))
     out = register(fixed, moving, affine, spec["settings"])
     tmp = dst + ".tmp.npz"
+    out["info"]["peak_rss_mb"] = _vmhwm_mb()
     np.savez(tmp, disp=out["disp"], warped=out["warped"], info=np.array(json.dumps(out["info"])))
     os.replace(tmp, dst)
     return 0
