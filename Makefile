@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup peers-env demo test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -14,10 +14,17 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev]"
 
+# ANTs (antspyx) in its own environment: it would downgrade numpy/scipy in the main one. Optional: the ANTs tests
+# skip with a reason when it is missing, so a failed install does not fail the tests.
+peers-env:
+	test -x .venv-peers/bin/python || $(PY) -m venv .venv-peers
+	.venv-peers/bin/python -c "import ants" 2>/dev/null || .venv-peers/bin/pip install -q "antspyx==0.6.3"
+
 demo: setup
 	$(BIN)/dinoreg demo --out results/demo
 
 test: setup
+	-$(MAKE) peers-env
 	$(BIN)/python -m pytest -q
 
 bench: setup
