@@ -90,7 +90,7 @@ def prepare_pair(out: Path, *, set_name: str, name: str, fixed, moving, fixed_la
     affine, the registered box [lo, hi) and the modalities; every method of the benchmark starts from it.
     """
     from dinoreg_core import io as dio
-    from dinoreg_core.api import _overlap_box  # the same box `dinoreg register` uses
+    from dinoreg_core.api import overlap_box  # the same box `dinoreg register` uses
     from dinoreg_core.preprocess import guess_modality, resample_to
     from dinoreg_core.registration.initial import initial_alignment
 
@@ -106,7 +106,7 @@ def prepare_pair(out: Path, *, set_name: str, name: str, fixed, moving, fixed_la
     mlab = ml.array if same else resample_to(ml, fv, labels=True, world_transform=T)
     if label_map:
         mlab = _label_map_lut(label_map, int(mlab.max()))[mlab]
-    lo, hi = _overlap_box(mv, fv, T, same)
+    lo, hi = overlap_box(mv, fv, T, same)
     path = out / f"{set_name}_{name}.npz"
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, fixed=fv.array.astype(np.float32), moving=np.asarray(mov, np.float32),

@@ -248,7 +248,7 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
 
     # Register only where the moving scan has data (a partial field of view, e.g. an MR slab, leaves the rest
     # of the fixed grid empty); the field is extended outside that box by replicating its border values.
-    box = _overlap_box(mvol, fvol, T, same_grid)
+    box = overlap_box(mvol, fvol, T, same_grid)
     crop = (slice(box[0][0], box[1][0]), slice(box[0][1], box[1][1]), slice(box[0][2], box[1][2]))
 
     t = time.perf_counter()
@@ -292,7 +292,7 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
     return res
 
 
-def _overlap_box(mvol: io.Volume, fvol: io.Volume, T: np.ndarray, same_grid: bool):
+def overlap_box(mvol: io.Volume, fvol: io.Volume, T: np.ndarray, same_grid: bool):
     """Bounding box [lo, hi) (fixed voxels) of the fixed grid region covered by the moving scan."""
     if same_grid:
         return (0, 0, 0), tuple(fvol.shape)

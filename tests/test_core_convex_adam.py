@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -11,18 +10,7 @@ from dinoreg_core.features.mind import mind_ssc
 from dinoreg_core.preprocess import normalize_intensity
 from dinoreg_core.registration import convex_adam as CA
 from dinoreg_core.registration import warp as W
-
-
-def _blobs(shape, seed=0, n=12):
-    """A smooth random test image: sum of Gaussian blobs, values roughly in [0,1]."""
-    g = torch.Generator().manual_seed(seed)
-    grid = W.identity_grid(shape)[0]
-    img = torch.zeros(shape)
-    for _ in range(n):
-        c = torch.rand(3, generator=g) * torch.tensor(shape, dtype=torch.float32)
-        s = 2.0 + 4.0 * torch.rand(1, generator=g)
-        img += torch.exp(-((grid - c.view(3, 1, 1, 1)) ** 2).sum(0) / (2 * s * s))
-    return (img / img.max())[None, None]
+from synthetic_images import blobs
 
 
 def test_cost_volume_matches_brute_force():
@@ -39,7 +27,7 @@ def test_cost_volume_matches_brute_force():
 
 
 def test_discrete_stage_finds_a_translation():
-    img = _blobs((96, 96, 96), seed=1, n=60)
+    img = blobs((96, 96, 96), seed=1, n=60)
     shift = torch.zeros(1, 3, 96, 96, 96)
     shift[0, 0], shift[0, 1], shift[0, 2] = 6.0, -12.0, 0.0  # exact multiples of grid_sp=6
     mov = W.warp(img, -shift)  # mov(y) = img(y - s) => registering needs u = +s
@@ -51,7 +39,7 @@ def test_discrete_stage_finds_a_translation():
 
 @pytest.mark.parametrize("shape", [(40, 36, 44), (41, 37, 29)])  # divisible and not divisible by grid_sp
 def test_known_smooth_deformation_is_recovered(shape):
-    img = _blobs(shape, seed=2, n=20)
+    img = blobs(shape, seed=2, n=20)
     v = W.smooth_random_field(shape, max_disp=3.0, control_spacing=8, seed=4)
     mov = W.warp(img, v)
     truth = W.invert(v)

@@ -10,6 +10,7 @@ from dinoreg_core import io
 from dinoreg_core.features.mind import mind_ssc
 from dinoreg_core.registration import convex_adam as CA
 from dinoreg_core.registration import warp as W
+from synthetic_images import blobs
 
 pytestmark = pytest.mark.filterwarnings("ignore:Default grid_sample and affine_grid behavior:UserWarning")
 
@@ -17,23 +18,11 @@ pytest.importorskip("convexAdam.convex_adam_MIND", reason="official convexadam p
                     "(pip install convexadam==0.2.0, the [peers] extra)")
 
 
-def _blobs(shape, seed=0, n=25):
-    """A smooth random image in [0,1]: a sum of Gaussian blobs."""
-    g = torch.Generator().manual_seed(seed)
-    grid = W.identity_grid(shape)[0]
-    img = torch.zeros(shape)
-    for _ in range(n):
-        c = torch.rand(3, generator=g) * torch.tensor(shape, dtype=torch.float32)
-        s = 2.0 + 4.0 * torch.rand(1, generator=g)
-        img += torch.exp(-((grid - c.view(3, 1, 1, 1)) ** 2).sum(0) / (2 * s * s))
-    return (img / img.max())[None, None]
-
-
 @pytest.mark.parametrize("shape", [(48, 42, 36), (47, 40, 37)])  # a multiple of grid_sp 6, and not
 def test_official_field_matches_ours_and_recovers_the_warp(shape):
     from dinoreg_core.peers import get_registration_method
 
-    img = _blobs(shape, seed=2)
+    img = blobs(shape, seed=2, n=25)
     v = W.smooth_random_field(shape, max_disp=3.0, control_spacing=8, seed=4)
     mov = W.warp(img, v)
     truth = W.invert(v)
