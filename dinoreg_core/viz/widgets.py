@@ -179,7 +179,8 @@ class SliceViewer:
                        (("fixed", fixed_labels), ("moving", moving_labels), ("warped", warped_labels)) if v is not None}
         self.displacement = None
         if displacement is not None:
-            d = displacement.detach().cpu().numpy() if isinstance(displacement, torch.Tensor) else np.asarray(displacement)
+            d = displacement.detach().cpu().numpy() if isinstance(displacement, torch.Tensor) else \
+                np.asarray(displacement)
             d = d[0] if d.ndim == 5 else d
             if d.shape != (3,) + shape:
                 raise DinoregError(f"displacement must be (3,D,H,W) = {(3,) + shape}, got {d.shape}.")
@@ -411,7 +412,7 @@ class SliceViewer:
                                  description="slice", continuous_update=True, style=style),
             "layer": w.Dropdown(options=self.layers(), value=s["layer"], description="layer", style=style),
             "overlay": w.ToggleButtons(options=self.overlays(), value=s["overlay"], description="labels",
-                                       style={"button_width": "62px", **style}),
+                                       style={"button_width": "74px", **style}),
             "opacity": w.FloatSlider(value=s["opacity"], min=0.0, max=1.0, step=0.05, description="opacity",
                                      continuous_update=False, style=style),
             "grid": w.Checkbox(value=s["grid"], description="deformation grid", disabled=self.displacement is None,
@@ -421,7 +422,7 @@ class SliceViewer:
         self.image_widget = w.Image(value=self.png(), format="png", layout=w.Layout(width="auto"))
         for name, ctl in c.items():
             ctl.observe(self._on_control(name), names="value")
-        self._widget = w.HBox([w.VBox(list(c.values()), layout=w.Layout(min_width="330px")), self.image_widget])
+        self._widget = w.HBox([w.VBox(list(c.values()), layout=w.Layout(min_width="400px")), self.image_widget])
 
     def _on_control(self, name: str):
         def handler(change):
