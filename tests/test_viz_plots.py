@@ -194,3 +194,23 @@ def test_save_figure_writes_a_png_atomically(tmp_path, monkeypatch):
     assert pdf.read_bytes()[:4] == b"%PDF"
     with pytest.raises(DinoregError, match=".png"):
         plots.save_figure(Figure(), tmp_path / "c.jpg")
+
+
+def test_figures_show_as_png_in_a_kernel_without_pyplot(tmp_path, monkeypatch):
+    """A figure that is a cell's value is displayed as a PNG even when pyplot was never imported (papermill)."""
+    pm = pytest.importorskip("papermill")
+    nbformat = pytest.importorskip("nbformat")
+    pytest.importorskip("ipykernel")
+    if not REPO_LOG.exists():
+        pytest.skip(f"{REPO_LOG} is not in this checkout")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    code = f"import sys\nfrom dinoreg_core.viz import plots\nfig = plots.loss_curves({str(REPO_LOG)!r})\nfig"
+    check = "print('matplotlib.pyplot' in sys.modules)"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code), nbformat.v4.new_code_cell(check)])
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    pm.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                        progress_bar=False, cwd=str(tmp_path))
+    cells = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells
+    (result,) = [o for o in cells[0].outputs if o.output_type == "execute_result"]
+    assert "image/png" in result.data and len(result.data["image/png"]) > 1000
+    assert cells[1].outputs[0].text.strip() == "False"  # shown without pyplot

@@ -10,13 +10,14 @@ Conventions shared with :mod:`dinoreg_core.viz.widgets`:
   (axial) or superior (coronal, sagittal) at the top; the pixel aspect follows the voxel spacing.
 * ``index=None`` means the slice with the most foreground labels when labels are given, else the middle slice
   (:func:`default_index`).
-* Every figure function returns a :class:`matplotlib.figure.Figure` created without pyplot, so a figure is shown
-  in a notebook only when it is a cell's value (or passed to ``display``) and nothing accumulates in pyplot's
-  global state.
+* Every figure function returns a :class:`NotebookFigure` (a :class:`matplotlib.figure.Figure` created without
+  pyplot that renders itself as PNG in IPython), so a figure is shown in a notebook when it is a cell's value (or
+  passed to ``display``), also when pyplot was never imported, and nothing accumulates in pyplot's global state.
 """
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -33,6 +34,15 @@ AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # slicing direction -> array a
 CT_DISPLAY_WINDOW = (-160.0, 240.0)  # HU, abdominal soft-tissue window for display
 _PALETTE = colormaps["tab20"](np.linspace(0, 1, 20))[[0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 1, 3, 5, 7, 9, 11, 13,
                                                        15, 17, 19], :3]
+
+
+class NotebookFigure(Figure):
+    """A matplotlib Figure that IPython shows as a PNG (``_repr_png_``) without pyplot or an inline backend."""
+
+    def _repr_png_(self) -> bytes:
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", dpi=100)
+        return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,7 +186,7 @@ def loss_curves(log) -> Figure:
     if not groups:
         known = sorted({c for _, cols in LOSS_GROUPS for c in cols})
         raise DinoregError(f"The pretraining log has none of the known columns ({', '.join(known)}).")
-    fig = Figure(figsize=(4.2 * len(groups), 3.4), layout="constrained")
+    fig = NotebookFigure(figsize=(4.2 * len(groups), 3.4), layout="constrained")
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (title, cols) in zip(axes, groups):
         for c in cols:
@@ -207,7 +217,7 @@ def feature_maps(image: np.ndarray, rgb: dict, axis: str = "axial", index: int |
     k = default_index(image.shape, axis) if index is None else int(index)
     aspect = display_aspect(axis, spacing)
     n = 1 + len(rgb)
-    fig = Figure(figsize=(3.0 * n, 3.3), layout="constrained")
+    fig = NotebookFigure(figsize=(3.0 * n, 3.3), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False)[0]
     axes[0].imshow(display_orientation(normalise(take_slice(image, axis, k), intensity_window(image))), cmap="gray",
                    vmin=0, vmax=1, aspect=aspect, interpolation="nearest")
@@ -258,7 +268,7 @@ def method_comparison(df: pd.DataFrame, metric: str = "dice", order=None) -> Fig
     datasets = list(dict.fromkeys(pp["dataset"]))
     if not datasets:
         raise DinoregError("The results table is empty.")
-    fig = Figure(figsize=(max(3.2, 1.1 * pp["method"].nunique() + 1.2) * len(datasets), 3.8), layout="constrained")
+    fig = NotebookFigure(figsize=(max(3.2, 1.1 * pp["method"].nunique() + 1.2) * len(datasets), 3.8), layout="constrained")
     axes = fig.subplots(1, len(datasets), squeeze=False)[0]
     rng = np.random.default_rng(0)
     for ax, ds in zip(axes, datasets):
@@ -331,7 +341,7 @@ def qualitative_panel(fixed_image: np.ndarray, fixed_labels: np.ndarray, moving_
     panels += [(name, lab, metric_text(metrics.get(name, {}))) for name, lab in warped.items()]
     aspect = display_aspect(axis, spacing)
     n = len(panels)
-    fig = Figure(figsize=(2.8 * n + 1.6, 3.5), layout="constrained")
+    fig = NotebookFigure(figsize=(2.8 * n + 1.6, 3.5), layout="constrained")
     axes = fig.subplots(1, n, squeeze=False)[0]
     present = set()
     for ax, (title, lab, text) in zip(axes, panels):

@@ -359,7 +359,7 @@ class SliceViewer:
         height = width * (c["image"].shape[1] * s2) / (c["image"].shape[0] * s1)
         has_legend = legend and c["overlay"] is not None and bool(set(np.unique(c["overlay"]).tolist()) - {0})
         extra = (2.0 if has_legend else 0.0) + (1.0 if c["layer"] in ("difference", "jacobian") else 0.0)
-        fig = Figure(figsize=(width + extra + 0.2, height + 0.45), layout="constrained")
+        fig = plots.NotebookFigure(figsize=(width + extra + 0.2, height + 0.45), layout="constrained")
         ax = fig.add_subplot()
         rgb = self.rgb(c)
         n1, n2 = rgb.shape[:2]
