@@ -3,16 +3,18 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup peers-env demo test bench clean
+.PHONY: setup peers-env demo test bench reproduce clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # torch is pinned to the CPU build first; a bare `torch` requirement would pull a multi-GB CUDA build.
+# [notebooks]: jupyterlab, papermill, ipykernel, ipywidgets, matplotlib (the notebook suite and `dinoreg reproduce`;
+# papermill runs the notebooks on the kernel "python3", which jupyter_client starts with this venv's Python).
 setup: $(BIN)/python
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,notebooks]"
 
 # ANTs (antspyx) in its own environment: it would downgrade numpy/scipy in the main one. Optional: the ANTs tests
 # skip with a reason when it is missing, so a failed install does not fail the tests.
@@ -26,6 +28,10 @@ demo: setup
 test: setup
 	-$(MAKE) peers-env
 	$(BIN)/python -m pytest -q
+
+# The notebook suite 01-04 on the synthetic cohort (about 15-20 min on 2 CPU cores); resumable.
+reproduce: setup
+	$(BIN)/dinoreg reproduce --profile demo
 
 bench: setup
 	$(BIN)/python bench/convex_adam_vs_official.py

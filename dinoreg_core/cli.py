@@ -20,6 +20,7 @@ SUBCOMMANDS = [
     "dinoreg_core.commands.data",
     "dinoreg_core.commands.demo",
     "dinoreg_core.commands.pretrain",
+    "dinoreg_core.commands.reproduce",
 ]
 
 
