@@ -508,3 +508,14 @@ def load_evaluation(csv, run_dir) -> tuple[pd.DataFrame, dict | None]:
     df = pd.read_csv(csv)
     df["settings"] = df["settings"].fillna("") if "settings" in df.columns else ""
     return df, hand
+
+
+def viewer_state(result, view: dict | None) -> dict:
+    """The viewer settings ``view`` (for ``SliceViewer.set``) without a label overlay when the pair has no labels and
+    without the deformation grid when there is no displacement."""
+    v = dict(view or {})
+    if v.get("overlay") not in (None, "none") and result.fixed_labels is None:
+        v.pop("overlay")
+    if v.get("grid") and getattr(result, "displacement", None) is None:
+        v.pop("grid")
+    return v
