@@ -317,8 +317,9 @@ class SliceViewer:
     def current(self) -> dict:
         """The arrays on display, in raw slice order (``plots.take_slice``; not yet display-oriented):
 
-        ``image``: (n1,n2) values of the layer (intensities; warped - fixed for ``difference``; window-normalised
-        [0,1] squares of fixed / warped for ``checkerboard``; det J for ``jacobian``) or (n1,n2,3) RGB for
+        ``image``: (n1,n2) values of the layer (intensities; warped - fixed for ``difference``, moving - fixed when
+        no warped image was given; window-normalised [0,1] squares of fixed / warped (or moving) for
+        ``checkerboard``; det J for ``jacobian``) or (n1,n2,3) RGB for
         ``features``; ``overlay``: (n1,n2) integer labels or None; ``grid``: list of (P,2) deformed grid lines
         (:func:`deformed_grid`) or None; plus ``axis``, ``index``, ``layer``, ``opacity`` and the colour scale
         ``cmap``, ``vmin``, ``vmax``.
