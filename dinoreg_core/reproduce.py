@@ -19,8 +19,9 @@ Where things land (``OUT`` = ``--out``, default ``results``; ``RUN`` = ``--run-i
     OUT/tables/RUN/         tables (CSV + Markdown) and parameters.json
 
 Resumable: a step is skipped when ``steps/NN_name.json`` records the same parameter hash and every output it
-listed still exists. The hash covers the step's resolved parameters, the notebook's cells and the hashes of the
-steps before it, so a change anywhere reruns that step and everything after it. A step is recorded only after
+listed still exists. The hash covers the step's resolved parameters, the notebook's cells, the hashes of the
+steps before it and the shipped demo weights' size and time stamp, so a change anywhere (demo weights that land
+included) reruns that step and everything after it. A step is recorded only after
 its notebook ran to the end, so a run stopped or killed mid-way reruns only the unfinished steps. A failing step
 stops the run with one sentence naming the notebook; the finished steps are kept, and the failing notebook is
 kept as ``NN_name.failed.ipynb`` with the error in it.
@@ -165,6 +166,18 @@ def notebook_digest(path: Path) -> str:
     return _digest([(c.cell_type, c.source) for c in nb.cells])
 
 
+def shipped_fingerprint() -> list | None:
+    """(name, size, mtime) of the shipped dino3d demo weights, or None: part of every step's hash, so weights that
+    land (or change) after a run make the next run redo the steps that could have used them."""
+    from .evaluation.suite import shipped_weights
+
+    w = shipped_weights()
+    if w is None:
+        return None
+    st = w.stat()
+    return [w.name, st.st_size, st.st_mtime_ns]
+
+
 # ---------------------------------------------------------------------------------------------- one step
 def _record_ok(rec_path: Path, h: str) -> dict | None:
     if not rec_path.is_file():
@@ -259,7 +272,7 @@ def reproduce(profile: str, *, out="results", run_id: str | None = None, sets=()
     for step in bar:
         bar.set_postfix_str(step)
         h = _digest({"params": params[step], "notebook": notebook_digest(notebooks / f"{step}.ipynb"),
-                     "upstream": upstream})
+                     "upstream": upstream, "shipped_weights": shipped_fingerprint()})
         rec_path = run_dir / "steps" / f"{step}.json"
         rec = None if force else _record_ok(rec_path, h)
         if rec is not None:

@@ -210,13 +210,22 @@ def pretrain_or_shipped(mode: str, data, run_dir, *, config: str | None = "demo"
                                "dinoreg_core/weights/dino3d_demo.safetensors do not exist; use train='auto'.")
     from ..commands.pretrain import resolve_config_path
     from ..ssl import dist
-    from ..ssl.train import load_config, train
+    from ..ssl.train import config_to_dict, load_config, train
 
     out = Path(run_dir) / "pretrain"
     done = out / "teacher_backbone.safetensors"
     cfg_path = resolve_config_path(config, out, False)
     cfg = load_config(cfg_path, list(overrides) + ([] if progress else ["progress=false"]))
     why = "the shipped demo weights do not exist" if mode == "auto" else "train='train'"
+    saved = out / "config.json"
+    same = lambda d: {k: v for k, v in d.items() if k != "progress"}  # noqa: E731
+    if done.is_file() and saved.is_file() and \
+            same(json.loads(saved.read_text())) == same(json.loads(json.dumps(config_to_dict(cfg)))):
+        return {"weights": str(done), "source": "trained", "log": str(out / "log.csv"), "seconds": 0.0,
+                "message": f"{why}; using the finished pretraining run {out} ({cfg.steps} steps, same config)"}
+    import torch
+
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     print(f"pretraining 3D DINO ({why}): config {config or 'paper defaults'}, {cfg.steps} steps on {data} -> {out}")
     resume = (out / "checkpoint.pt").exists()
     try:
@@ -228,7 +237,7 @@ def pretrain_or_shipped(mode: str, data, run_dir, *, config: str | None = "demo"
     return {"weights": str(done), "source": "trained", "log": str(out / "log.csv"),
             "seconds": round(time.perf_counter() - t0, 1),
             "message": f"{why}, so 3D DINO was pretrained for {cfg.steps} steps ({time.perf_counter() - t0:.0f} s on "
-                       f"{cfg.device}): {done}"}
+                       f"{device}): {done}"}
 
 
 # ---------------------------------------------------------------------------------------------- one pair
