@@ -72,6 +72,12 @@ def test_sinkhorn_knopp_balances_prototypes():
     assert q2[0].tolist() == pytest.approx([e / (e + 1), 1 / (e + 1)], abs=1e-6)
 
 
+def test_sinkhorn_knopp_of_no_samples_is_empty():
+    # a step where no global view was masked gives the iBOT targets zero rows (that crashed a run once)
+    q = sinkhorn_knopp(torch.zeros(0, 16), teacher_temp=0.07, weights=torch.zeros(0))
+    assert q.shape == (0, 16)
+
+
 def test_sinkhorn_knopp_with_a_fake_all_reduce_matches_the_whole_batch():
     """Two threads play two processes holding half the batch each; their all_reduce combines both halves."""
     import threading

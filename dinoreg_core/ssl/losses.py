@@ -68,7 +68,10 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, teacher_temp: float, n_iters: i
         (M,K) float32, each row a probability distribution.
     """
     logits = teacher_logits.float()
-    shift = logits.max().detach().clone()                              # global max: no overflow in exp
+    if all_reduce is None and logits.shape[0] == 0:
+        return logits.clone()                                          # no samples (e.g. no masked token)
+    # global max: no overflow in exp (a process without samples contributes -inf to the max)
+    shift = logits.max().detach().clone() if logits.numel() else logits.new_tensor(float("-inf"))
     if all_reduce is not None:
         all_reduce(shift, "max")
     q = torch.exp((logits - shift) / teacher_temp).t()                 # (K, M)
