@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dinoreg_core.data.augment import (AugmentConfig, contrast, flip_tokens, flip_volume, gamma, gaussian_blur, gin,
-                                       intensity_augment, make_views, random_crop_box, random_zoom_box, resample_box)
+                                       intensity_augment, make_views, random_crop_box, random_zoom_box, region_box,
+                                       resample_box)
 from dinoreg_core.ssl.heads import DINOHead
 from dinoreg_core.ssl.masking import random_block_mask
 from dinoreg_core.ssl.meta import SSLNet
@@ -115,6 +116,28 @@ def test_crop_box_and_resampling():
     y = resample_box(x, (0, 0, 0), (16, 12, 10), 20)                 # upsampled whole volume
     assert y.shape == (1, 20, 20, 20)
     assert float(y.mean()) == pytest.approx(float(x.mean()), abs=0.02)
+
+
+def test_region_keeps_every_crop_of_a_sample_inside_one_box():
+    g = torch.Generator().manual_seed(0)
+    assert region_box((50, 40, 30), None, g) == ((50, 40, 30), (0.0, 0.0, 0.0))
+    for _ in range(20):
+        size, start = region_box((50, 40, 30), 24, g)
+        assert size == (24, 24, 24) and all(0 <= s <= n - 24 for s, n in zip(start, (50, 40, 30)))
+    assert region_box((50, 16, 30), 24, g)[0] == (24, 16, 24)                    # clipped to a thin volume
+    # a ramp along axis 0 (1/48 per voxel): with a region, the two global crops of a sample lie in the same
+    # 12-voxel box, so they are at most 4 voxels apart (|difference| <= 4/48); without, up to 40 voxels apart
+    vol = torch.linspace(0, 1, 48)[:, None, None].expand(48, 48, 48).contiguous()
+    cfg = AugmentConfig(global_size=8, local_size=4, n_local=2, global_zoom=(1.0, 1.0), local_zoom=(1.0, 1.0),
+                        max_aspect=1.0, region_size=12, **NO_INTENSITY)
+    gaps_region, gaps_free = [], []
+    for seed in range(30):
+        v = make_views(vol, cfg, torch.Generator().manual_seed(seed))
+        gaps_region.append(float((v["teacher_global"][0] - v["teacher_global"][1]).abs().mean()))
+        v = make_views(vol, AugmentConfig(**{**cfg.__dict__, "region_size": None}), torch.Generator().manual_seed(seed))
+        gaps_free.append(float((v["teacher_global"][0] - v["teacher_global"][1]).abs().mean()))
+    assert max(gaps_region) <= 4 / 47 + 1e-4 and sum(gaps_free) > 3 * sum(gaps_region)
+    assert AugmentConfig(region_size="none").region_size is None and AugmentConfig(region_size="48").region_size == 48
 
 
 def test_views_are_deterministic_and_student_equals_flipped_teacher_without_intensity_aug():

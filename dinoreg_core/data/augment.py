@@ -47,6 +47,8 @@ class AugmentConfig:
     global_zoom: tuple | None = None         # if set: crop edge = global_size * zoom voxels, zoom log-uniform here
     local_zoom: tuple | None = None          # if set: crop edge = local_size * zoom voxels
     max_aspect: float = 4 / 3                # crop edge ratios drawn log-uniformly in [1/max_aspect, max_aspect]
+    region_size: int | None = None           # if set: every crop of a sample lies in one random box of this edge
+                                             # (voxels), so the views overlap as the crops of one image do in DINO
     flip_prob: float = 0.5                   # per axis, student views
     bias_field_prob: float = 0.3             # smooth multiplicative field exp(N(0, strength)) on a 4^3 grid
     bias_field_strength: float = 0.3
@@ -70,6 +72,12 @@ class AugmentConfig:
             self.global_zoom = tuple(float(v) for v in self.global_zoom)
         if self.local_zoom is not None:
             self.local_zoom = tuple(float(v) for v in self.local_zoom)
+        if isinstance(self.region_size, str) and self.region_size.strip().lower() in ("", "none", "null"):
+            self.region_size = None
+        if self.region_size is not None:
+            self.region_size = int(self.region_size)
+            if self.region_size < 1:
+                raise ValueError(f"region_size must be a positive number of voxels, got {self.region_size}")
 
 
 def _u(g: torch.Generator, lo: float = 0.0, hi: float = 1.0) -> float:
@@ -108,6 +116,21 @@ def random_zoom_box(shape: tuple[int, int, int], out_size: int, zoom: tuple[floa
     size = [min(float(n), out_size * z * math.exp(l - m)) for l, n in zip(logs, shape)]
     start = [_u(g) * (n - s) for n, s in zip(shape, size)]
     return tuple(start), tuple(size)
+
+
+def region_box(shape: tuple[int, int, int], region_size: int | None,
+               g: torch.Generator) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The box every crop of one sample is drawn from: (region shape, its start), in voxels of the (D,H,W) volume.
+
+    ``region_size=None`` gives the whole volume (no random draw). Otherwise an edge of ``region_size`` voxels per
+    axis (clipped to the volume) at a uniformly random position, as DINO's views all come from one image: the
+    global crops then overlap and share their anatomy, which makes the cross-view targets predictable.
+    """
+    if region_size is None:
+        return shape, (0.0, 0.0, 0.0)
+    size = tuple(min(int(region_size), n) for n in shape)
+    start = tuple(_u(g) * (n - s) for n, s in zip(shape, size))
+    return size, start
 
 
 def resample_box(x: torch.Tensor, start, size, out_size: int) -> torch.Tensor:
@@ -269,13 +292,14 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> 
     """
     x = volume if volume.ndim == 4 else volume[None]
     x = x.float()
-    shape = tuple(x.shape[1:])
+    shape, offset = region_box(tuple(x.shape[1:]), cfg.region_size, g)
     tg, sg, sf, loc = [], [], [], []
     for _ in range(cfg.n_global):
         if cfg.global_zoom is not None:
             start, size = random_zoom_box(shape, cfg.global_size, cfg.global_zoom, cfg.max_aspect, g)
         else:
             start, size = random_crop_box(shape, cfg.global_scale, cfg.max_aspect, g)
+        start = tuple(s + o for s, o in zip(start, offset))
         crop = resample_box(x, start, size, cfg.global_size)
         flips = random_flips(g, cfg.flip_prob)
         tg.append(crop)
@@ -286,6 +310,7 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> 
             start, size = random_zoom_box(shape, cfg.local_size, cfg.local_zoom, cfg.max_aspect, g)
         else:
             start, size = random_crop_box(shape, cfg.local_scale, cfg.max_aspect, g)
+        start = tuple(s + o for s, o in zip(start, offset))
         crop = resample_box(x, start, size, cfg.local_size)
         loc.append(flip_volume(intensity_augment(crop, cfg, g), random_flips(g, cfg.flip_prob)))
     empty = torch.zeros(0, 1, cfg.local_size, cfg.local_size, cfg.local_size)

@@ -189,6 +189,11 @@ def _coerce(value, default, name: str):
                 raise DinoregError(f"The config value {name}={value!r} must be an integer.")
             return int(v)
         return v
+    if isinstance(default, dict) and isinstance(value, str):        # --set model_overrides='{"depth": 2}'
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise DinoregError(f"The config value {name}={value!r} is not a JSON object.") from None
     if isinstance(default, dict) and not isinstance(value, dict):
         raise DinoregError(f"The config value '{name}' must be an object.")
     return value
