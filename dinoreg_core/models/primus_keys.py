@@ -174,7 +174,8 @@ def map_authors_state_dict(state: dict, *, which: str = "student", num_heads: in
     cfg = ViT3DConfig(patch_size=p, in_chans=in_chans, embed_dim=C, depth=depth, num_heads=num_heads,
                       mlp_ratio=hidden / C, num_register_tokens=R, pos_grid=grid, use_rope=True,
                       layerscale_init=0.1 if ls else None, qkv_bias=True, rope_temperature=10000.0,
-                      mlp_norm=mlp_norm, attn_norm=b0 + "attn.norm.weight" in sd, norm_eps=norm_eps)
+                      mlp_norm=mlp_norm, attn_norm=b0 + "attn.norm.weight" in sd, norm_eps=norm_eps,
+                      input_mean=0.0, input_std=1.0)   # their images come z-scored, not in [0, 1]
     if cfg.mlp_hidden != hidden:
         raise DinoregError(f"MLP hidden width {hidden} cannot be expressed as int(mlp_ratio * {C}).")
     if C % num_heads or (C // num_heads) % 6:

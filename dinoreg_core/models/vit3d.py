@@ -61,6 +61,13 @@ class ViT3DConfig:
     mlp_norm: bool = True               # LayerNorm on the SwiGLU hidden units (EVA-02 / Primus "scale_mlp")
     attn_norm: bool = False             # LayerNorm on the attention output before proj (EVA "scale_attn_inner")
     norm_eps: float = 1e-6              # epsilon of every LayerNorm (timm's LayerNorm default)
+    # Input shift and scale, applied after padding: x -> (x - input_mean) / input_std. Our images are in [0, 1];
+    # mapping them to [-1, 1] matters: a near-constant patch embeds as c * v (one fixed vector v scaled by the
+    # intensity c), and with c >= 0 every LayerNorm maps all such tokens onto the same direction, so the tokens
+    # (and the DINO/iBOT targets) of different tissues start out almost identical and self-distillation
+    # collapses. Centred input gives tokens of both signs. The authors' checkpoints keep (0, 1).
+    input_mean: float = 0.5
+    input_std: float = 0.5
 
     def __post_init__(self):
         self.pos_grid = tuple(int(s) for s in self.pos_grid)
@@ -184,7 +191,9 @@ class ViT3D(nn.Module):
         """
         if x.ndim != 5 or x.shape[1] != self.cfg.in_chans:
             raise ValueError(f"expected input (B,{self.cfg.in_chans},D,H,W), got {tuple(x.shape)}")
-        x = self.pad_input(x)
+        x = self.pad_input(x)                                       # padding = intensity 0 (air / background)
+        if self.cfg.input_mean != 0.0 or self.cfg.input_std != 1.0:
+            x = (x - self.cfg.input_mean) / self.cfg.input_std
         tok = self.patch_embed(x)                                   # (B, N, C)
         B, N, C = tok.shape
         p = self.cfg.patch_size
