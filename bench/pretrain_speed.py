@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "bench" / "pretrain_speed.csv"
 COLUMNS = ["date", "machine", "device", "torch", "threads", "model", "params_m", "global_size", "local_size",
            "n_local", "batch_size", "head_out_dim", "steps_timed", "sec_per_step", "steps_per_s", "samples_per_s",
-           "load_start", "load_end"]
+           "load_start", "load_end", "amp", "num_workers", "cuda_peak_mb", "status"]
 DEFAULT_CASES = ["tiny:32:16:4:4", "tiny:48:24:4:4", "tiny:64:32:4:2"]
 
 
@@ -59,12 +59,16 @@ def run_case(case: str, data: Path, work: Path, args) -> dict:
     over = [f"model={model}", f"augment.global_size={g}", f"augment.local_size={l}", f"augment.n_local={nl}",
             f"batch_size={b}", f"steps={args.steps}", "log_every=1", f"ckpt_every={10 ** 9}", "progress=false",
             f"threads={args.threads}", f"device={args.device}", f"head_out_dim={args.head_out_dim}",
-            "spacing_mm=2.0", "warmup_steps=1"]
+            "spacing_mm=2.0", "warmup_steps=1", f"num_workers={args.workers}", f"amp={args.amp}"]
     cfg = load_config(None, over)
     run = work / case.replace(":", "_")
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     load0 = os.getloadavg()[0]
     train(cfg, data, run)
     load1 = os.getloadavg()[0]
+    peak = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1) if cuda else ""
     with (run / "log.csv").open() as f:
         rows = list(csv.DictReader(f))
     sec = float(np.mean([float(r["sec_per_step"]) for r in rows[args.skip:]]))
@@ -72,11 +76,13 @@ def run_case(case: str, data: Path, work: Path, args) -> dict:
                  if k.startswith("backbone."))
     return {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "machine": f"{platform.system()} {platform.machine()} {os.cpu_count()} cpus",
-            "device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(), "model": model,
+            "device": torch.cuda.get_device_name() if cuda else args.device, "torch": torch.__version__, "threads": torch.get_num_threads(), "model": model,
             "params_m": round(params / 1e6, 3), "global_size": int(g), "local_size": int(l), "n_local": int(nl),
             "batch_size": int(b), "head_out_dim": args.head_out_dim, "steps_timed": len(rows) - args.skip,
             "sec_per_step": round(sec, 3), "steps_per_s": round(1.0 / sec, 3),
-            "samples_per_s": round(int(b) / sec, 3), "load_start": round(load0, 2), "load_end": round(load1, 2)}
+            "samples_per_s": round(int(b) / sec, 3), "load_start": round(load0, 2), "load_end": round(load1, 2),
+            "amp": args.amp if cuda or args.amp != "auto" else "none", "num_workers": args.workers, "cuda_peak_mb": peak,
+            "status": "ok"}
 
 
 def main(argv=None) -> int:
@@ -87,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--head-out-dim", type=int, default=1024, help="prototypes K")
+    ap.add_argument("--workers", type=int, default=1, help="data-loader processes (GPU runs need several)")
+    ap.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), bf16, fp16 or none")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -95,15 +103,23 @@ def main(argv=None) -> int:
         data.mkdir()
         make_data(data)
         for case in args.cases:
-            row = run_case(case, data, Path(tmp), args)
+            try:
+                row = run_case(case, data, Path(tmp), args)
+            except Exception as e:  # noqa: BLE001 -- an out-of-memory case is a result, not a crash
+                row = {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "device": args.device, "model": case,
+                       "status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+                if args.device.startswith("cuda"):
+                    import torch
+                    torch.cuda.empty_cache()
             new = not args.out.exists()
             with args.out.open("a", newline="") as f:
                 w = csv.DictWriter(f, fieldnames=COLUMNS)
                 if new:
                     w.writeheader()
                 w.writerow(row)
-            print(", ".join(f"{k}={row[k]}" for k in ("model", "global_size", "local_size", "n_local", "batch_size",
-                                                      "sec_per_step", "steps_per_s", "load_start")), flush=True)
+            print(", ".join(f"{k}={row.get(k)}" for k in ("model", "global_size", "local_size", "n_local", "batch_size",
+                                                          "sec_per_step", "steps_per_s", "cuda_peak_mb", "status")),
+                  flush=True)
     return 0
 
 
