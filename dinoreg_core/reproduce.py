@@ -19,7 +19,7 @@ Where things land (``OUT`` = ``--out``, default ``results``; ``RUN`` = ``--run-i
     OUT/tables/RUN/         tables (CSV + Markdown) and parameters.json
 
 Resumable: a step is skipped when ``steps/NN_name.json`` records the same parameter hash and every output it
-listed still exists. The hash covers the step's resolved parameters, the notebook's cells, the hashes of the
+listed still exists. The hash covers the step's resolved parameters, the notebook's code cells, the hashes of the
 steps before it and the shipped demo weights' size and time stamp, so a change anywhere (demo weights that land
 included) reruns that step and everything after it. A step is recorded only after
 its notebook ran to the end, so a run stopped or killed mid-way reruns only the unfinished steps. A failing step
@@ -159,11 +159,11 @@ def _digest(obj) -> str:
 
 
 def notebook_digest(path: Path) -> str:
-    """Hash of the notebook's cell sources (outputs and metadata ignored)."""
+    """Hash of the notebook's code cells (markdown, outputs and metadata ignored: they do not change results)."""
     import nbformat
 
     nb = nbformat.read(str(path), as_version=4)
-    return _digest([(c.cell_type, c.source) for c in nb.cells])
+    return _digest([c.source for c in nb.cells if c.cell_type == "code"])
 
 
 def shipped_fingerprint() -> list | None:
