@@ -191,17 +191,17 @@ def evaluate_sharded(spec: EvalSpec, *, rank: int | None = None, world: int | No
 
 def run_evaluation(spec: EvalSpec, *, processes: int = 1, progress: bool = True) -> pd.DataFrame:
     """Evaluate ``spec``: in this process (``processes=1``), or in ``processes`` processes on this machine launched
-    with ``torchrun`` (the spec is written to ``out_dir/spec-<hash>.json``; several nodes: run ``torchrun ... -m
-    dinoreg_core.evaluation.shard`` on that file on every node yourself). Returns the merged table."""
+    with ``torchrun``. The spec is written to ``out_dir/spec-<hash>.json`` either way; for several nodes run
+    ``torchrun ... -m dinoreg_core.evaluation.shard`` on that file on every node yourself. Returns the merged table."""
     processes = int(processes)
     if processes < 1:
         raise DinoregError(f"processes must be at least 1, got {processes}.")
-    if processes == 1:
-        return evaluate_sharded(spec, rank=0, world=1, progress=progress)
     out = Path(spec.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec_path = out / f"spec-{spec.hash()}.json"
+    spec_path = out / f"spec-{spec.hash()}.json"  # also the file to hand to torchrun on other nodes
     write_json_atomic(spec_path, spec.to_dict())
+    if processes == 1:
+        return evaluate_sharded(spec, rank=0, world=1, progress=progress)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
            "-m", "dinoreg_core.evaluation.shard", str(spec_path)] + ([] if progress else ["--no-progress"])
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
