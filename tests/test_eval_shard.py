@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 
 import nibabel as nib
@@ -115,3 +116,15 @@ def test_failed_rank_is_one_sentence(pairs, tmp_path):
             shard.world_from_env()
         finally:
             del os.environ["RANK"], os.environ["WORLD_SIZE"]
+
+
+def test_hash_follows_weight_files(pairs, tmp_path):
+    """Weights retrained at the same path give another hash, so old per-pair rows are not reused."""
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"old")
+    spec = _spec(pairs, tmp_path / "o")
+    spec.method_settings = {"intensity": {"feat.weights": str(w)}}
+    h1 = spec.hash()
+    time.sleep(0.01)
+    w.write_bytes(b"newer")
+    assert spec.hash() != h1

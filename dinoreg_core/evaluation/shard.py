@@ -72,11 +72,32 @@ class EvalSpec:
                    device=d.get("device", "cpu"), out_dir=d.get("out_dir", "evaluation"))
 
     def hash(self) -> str:
-        """Hash of what determines the rows (not the output folder)."""
+        """Hash of what determines the rows (not the output folder). Files named in the settings (e.g. dino3d's
+        ``feat.weights``) and the shipped demo weights count by size and time stamp, so weights retrained at the
+        same path never reuse rows computed with the old ones."""
         d = self.to_dict()
         d.pop("out_dir")
         d["device"] = d["device"].split(":")[0]
+        d["method_settings"] = {m: {k: _fingerprint(v) for k, v in st.items()}
+                                for m, st in (d.get("method_settings") or {}).items()}
+        if "dino3d" in self.methods:
+            from ..features.dino3d import DEFAULT_WEIGHTS
+
+            d["shipped_weights"] = _fingerprint(str(DEFAULT_WEIGHTS))
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _fingerprint(value):
+    """``value``, or [value, size, mtime] when it names an existing file."""
+    if isinstance(value, str) and value:
+        try:
+            p = Path(value).expanduser()
+            if p.is_file():
+                st = p.stat()
+                return [value, st.st_size, st.st_mtime_ns]
+        except OSError:
+            pass
+    return value
 
 
 def world_from_env() -> tuple[int, int, int]:
