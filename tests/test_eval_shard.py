@@ -8,48 +8,25 @@ import subprocess
 import time
 import sys
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from dinoreg_core.errors import DinoregError
 from dinoreg_core.evaluation import shard
 from dinoreg_core.evaluation.runner import PairSpec
-from dinoreg_core.registration import warp as W
+
+from synthetic_images import sphere_pair
 
 METRIC_COLUMNS = ["dataset", "pair", "method", "label", "label_name", "dice", "hd95_mm", "hd95_vox", "sdlogj",
                   "sdlogj_l2r", "folding_pct", "settings"]
 
 
-def _pair(tmp_path, seed):
-    shape = (28, 24, 26)
-    g = W.identity_grid(shape)[0]
-    rng = np.random.default_rng(seed)
-    lab = torch.zeros(shape, dtype=torch.int32)
-    img = torch.zeros(shape)
-    for k in range(1, 3):
-        c = torch.tensor(rng.uniform(8, 16, 3), dtype=torch.float32)
-        blob = ((g - c.view(3, 1, 1, 1)) ** 2).sum(0) < 5.0 ** 2
-        lab[blob] = k
-        img[blob] = 0.4 * k
-    img = img + 0.02 * torch.from_numpy(rng.normal(size=shape).astype(np.float32))
-    v = W.smooth_random_field(shape, max_disp=2.0, control_spacing=8, seed=seed)
-    mov = W.warp(img[None, None], v)[0, 0]
-    mlab = W.warp_labels(lab[None, None], v)[0, 0]
-    paths = {}
-    for name, arr in [("f", img), ("m", mov), ("fl", lab.short()), ("ml", mlab.short())]:
-        paths[name] = tmp_path / f"{name}{seed}.nii.gz"
-        nib.save(nib.Nifti1Image(arr.numpy(), np.eye(4)), str(paths[name]))
-    return PairSpec(f"p{seed}", paths["f"], paths["m"], paths["fl"], paths["ml"], fixed_modality="mr",
-                    moving_modality="mr")
-
-
 @pytest.fixture(scope="module")
 def pairs(tmp_path_factory):
     d = tmp_path_factory.mktemp("pairs")
-    return [_pair(d, s) for s in range(1, 6)]
+    return [sphere_pair(d, s, shape=(28, 24, 26), n_labels=2, radius=5.0, centre_range=(8, 16), max_disp=2.0)
+            for s in range(1, 6)]
 
 
 def _spec(pairs, out):
