@@ -23,7 +23,6 @@ displacement is the same vector in fixed voxel units, ``u = (F A[:3,:3])^-1 v``,
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -35,6 +34,19 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
 
 import numpy as np  # noqa: E402
+
+
+def _load_worker_io():
+    """worker_io.py from this folder, loaded by path (the folder itself is off sys.path, see above)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dinoreg_worker_io", os.path.join(_HERE, "worker_io.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_IO = _load_worker_io()
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -119,23 +131,12 @@ def field(fixed: np.ndarray, moving: np.ndarray, affine_ras: np.ndarray, transfo
     return {"disp": disp, "warped": warped, "info": {"ants_version": getattr(ants, "__version__", "?")}}
 
 
-def _vmhwm_mb() -> float | None:
-    """This process's peak resident memory (VmHWM, MB), or None where /proc is absent."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) / 1024.0 for ln in f if ln.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: ants_worker.py IN.npz OUT.npz", file=sys.stderr)
         return 2
     src, dst = argv
-    with np.load(src) as z:
-        fixed, moving, affine = z["fixed"], z["moving"], z["affine"]
-        spec = json.loads(str(z["spec"]))
+    fixed, moving, affine, spec = _IO.read_request(src)
     with tempfile.TemporaryDirectory(prefix="dinoreg_ants_") as work:
         if spec["mode"] == "register":
             out = register(fixed, moving, affine, spec["settings"], work)
@@ -144,10 +145,7 @@ def main(argv: list[str]) -> int:
         else:
             print(f"unknown mode {spec['mode']!r}", file=sys.stderr)
             return 2
-    tmp = dst + ".tmp.npz"
-    out["info"]["peak_rss_mb"] = _vmhwm_mb()
-    np.savez(tmp, disp=out["disp"], warped=out["warped"], info=np.array(json.dumps(out["info"])))
-    os.replace(tmp, dst)
+    _IO.write_result(dst, out)
     return 0
 
 

@@ -26,7 +26,6 @@ its place (``info["torchvision_stub"]``), since the registration path never call
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -35,6 +34,19 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
 
 import numpy as np  # noqa: E402
+
+
+def _load_worker_io():
+    """worker_io.py from this folder, loaded by path (the folder itself is off sys.path, see above)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dinoreg_worker_io", os.path.join(_HERE, "worker_io.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_IO = _load_worker_io()
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -117,15 +129,6 @@ def register(fixed: np.ndarray, moving: np.ndarray, affine_ras: np.ndarray, s: d
             "info": info}
 
 
-def _vmhwm_mb() -> float | None:
-    """This process's peak resident memory (VmHWM, MB), or None where /proc is absent."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(ln.split()[1]) / 1024.0 for ln in f if ln.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return None
-
-
 def main(argv: list[str]) -> int:
     if argv == ["--probe"]:
         import_packages()
@@ -134,14 +137,9 @@ def main(argv: list[str]) -> int:
         print("usage: unigradicon_worker.py IN.npz OUT.npz | --probe", file=sys.stderr)
         return 2
     src, dst = argv
-    with np.load(src) as z:
-        fixed, moving, affine = z["fixed"], z["moving"], z["affine"]
-        spec = json.loads(str(z["spec"]))
+    fixed, moving, affine, spec = _IO.read_request(src)
     out = register(fixed, moving, affine, spec["settings"])
-    tmp = dst + ".tmp.npz"
-    out["info"]["peak_rss_mb"] = _vmhwm_mb()
-    np.savez(tmp, disp=out["disp"], warped=out["warped"], info=np.array(json.dumps(out["info"])))
-    os.replace(tmp, dst)
+    _IO.write_result(dst, out)
     return 0
 
 
