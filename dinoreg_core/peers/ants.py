@@ -44,7 +44,7 @@ from ..preprocess import normalize_intensity
 from . import RegistrationMethod, RegistrationOutput, check_same_grid, register_registration_method
 from ._worker import find_python, run_worker
 
-WORKER = Path(__file__).resolve().with_name("ants_worker.py")
+WORKER = Path(__file__).resolve().parent / "workers" / "ants_worker.py"
 ENV_VAR = "DINOREG_ANTS_PYTHON"
 
 PRESETS = {

@@ -35,7 +35,7 @@ from ..errors import DinoregError
 from . import RegistrationMethod, RegistrationOutput, check_same_grid, register_registration_method
 from ._worker import find_python, run_worker
 
-WORKER = Path(__file__).resolve().with_name("unigradicon_worker.py")
+WORKER = Path(__file__).resolve().parent / "workers" / "unigradicon_worker.py"
 ENV_PYTHON = "DINOREG_UNIGRADICON_PYTHON"
 ENV_WEIGHTS = "DINOREG_UNIGRADICON_WEIGHTS"
 DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "unigradicon" / "Step_2_final.trch"

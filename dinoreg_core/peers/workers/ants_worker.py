@@ -28,25 +28,9 @@ import sys
 import tempfile
 import time
 
-# This file sits beside dinoreg_core/peers/ants.py; run as a script, its folder would come first on sys.path and
-# `import ants` would find that module instead of antspyx.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-
-def _load_worker_io():
-    """worker_io.py from this folder, loaded by path (the folder itself is off sys.path, see above)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dinoreg_worker_io", os.path.join(_HERE, "worker_io.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_IO = _load_worker_io()
+import worker_io  # beside this script (its folder comes first on sys.path when run as a script)
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -136,7 +120,7 @@ def main(argv: list[str]) -> int:
         print("usage: ants_worker.py IN.npz OUT.npz", file=sys.stderr)
         return 2
     src, dst = argv
-    fixed, moving, affine, spec = _IO.read_request(src)
+    fixed, moving, affine, spec = worker_io.read_request(src)
     with tempfile.TemporaryDirectory(prefix="dinoreg_ants_") as work:
         if spec["mode"] == "register":
             out = register(fixed, moving, affine, spec["settings"], work)
@@ -145,7 +129,7 @@ def main(argv: list[str]) -> int:
         else:
             print(f"unknown mode {spec['mode']!r}", file=sys.stderr)
             return 2
-    _IO.write_result(dst, out)
+    worker_io.write_result(dst, out)
     return 0
 
 

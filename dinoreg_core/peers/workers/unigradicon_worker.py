@@ -26,27 +26,12 @@ its place (``info["torchvision_stub"]``), since the registration path never call
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-
-def _load_worker_io():
-    """worker_io.py from this folder, loaded by path (the folder itself is off sys.path, see above)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("dinoreg_worker_io", os.path.join(_HERE, "worker_io.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_IO = _load_worker_io()
+import worker_io  # beside this script (its folder comes first on sys.path when run as a script)
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 
@@ -137,9 +122,9 @@ def main(argv: list[str]) -> int:
         print("usage: unigradicon_worker.py IN.npz OUT.npz | --probe", file=sys.stderr)
         return 2
     src, dst = argv
-    fixed, moving, affine, spec = _IO.read_request(src)
+    fixed, moving, affine, spec = worker_io.read_request(src)
     out = register(fixed, moving, affine, spec["settings"])
-    _IO.write_result(dst, out)
+    worker_io.write_result(dst, out)
     return 0
 
 

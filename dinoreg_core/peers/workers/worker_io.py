@@ -1,7 +1,8 @@
 """The file protocol of the peer worker scripts (``ants_worker.py``, ``unigradicon_worker.py``).
 
 The workers run in their own Python environments (see :mod:`dinoreg_core.peers._worker`), where dinoreg is not
-installed: they import this module from their own folder, so it needs only numpy and the standard library.
+installed: they import this module from their own folder (``workers/``, which holds no module named like the
+packages they import), so it needs only numpy and the standard library.
 
 Request ``IN.npz``: ``fixed``, ``moving`` (D,H,W) float32 on one grid, ``affine`` (4,4) voxel -> RAS mm, ``spec`` (JSON).
 Result ``OUT.npz``: ``disp`` (3,D,H,W) float32 fixed voxels, ``warped`` (D,H,W) float32, ``info`` (JSON, with the
