@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dinoreg_core.data.augment import (AugmentConfig, contrast, flip_tokens, flip_volume, gamma, gaussian_blur, gin,
-                                       intensity_augment, make_views, random_crop_box, random_zoom_box, region_box,
+                                       intensity_augment, intensity_remap, make_views, random_crop_box, random_zoom_box, region_box,
                                        resample_box)
 from dinoreg_core.ssl.heads import DINOHead
 from dinoreg_core.ssl.masking import random_block_mask
@@ -184,3 +184,35 @@ def test_intensity_transforms_do_what_they_say():
     full = intensity_augment(x, AugmentConfig(bias_field_prob=1, gamma_prob=1, contrast_prob=1, noise_prob=1,
                                               blur_prob=1, gin_prob=1), g)
     assert full.shape == x.shape and float(full.min()) >= 0 and float(full.max()) <= 1
+
+
+def test_intensity_remap_is_a_function_of_intensity_that_can_reorder_tissues():
+    # four "tissues" at known intensities plus a ramp
+    x = torch.cat([torch.full((100,), v) for v in (0.1, 0.35, 0.6, 0.9)] + [torch.linspace(0, 1, 101)])[None]
+    outs = [intensity_remap(x, torch.Generator().manual_seed(s), n_knots=6, monotone_prob=0.0) for s in range(20)]
+    for y in outs:
+        assert y.shape == x.shape and float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+        for v in (0.1, 0.35, 0.6, 0.9):                  # equal inputs -> equal outputs
+            vals = y[x == v]
+            assert float(vals.max() - vals.min()) == 0.0
+    # piecewise linear through the knots: at the knot inputs 0, 0.2, ..., 1 the ramp takes the knot values,
+    # and half-way between two knots their mean
+    ramp = outs[0][0, 400:]
+    knots = ramp[::20]
+    torch.testing.assert_close(ramp[10::20], 0.5 * (knots[:-1] + knots[1:]), atol=1e-5, rtol=0)
+    # non-monotone curves re-order the tissues in some draws (as CT -> MR does); monotone ones never do
+    def order(y):
+        return tuple(torch.argsort(torch.stack([y[x == v][0] for v in (0.1, 0.35, 0.6, 0.9)])).tolist())
+    assert len({order(y) for y in outs}) > 3
+    mono = [intensity_remap(x, torch.Generator().manual_seed(s), monotone_prob=1.0) for s in range(10)]
+    assert {order(y) for y in mono} == {(0, 1, 2, 3)}
+    # deterministic by seed; in the views only the student is remapped, through one curve per view
+    assert torch.equal(outs[3], intensity_remap(x, torch.Generator().manual_seed(3), 6, 0.0))
+    vol = _phantom(40)
+    cfg = AugmentConfig(global_size=16, local_size=8, n_local=0, flip_prob=0.0, remap_prob=1.0, **NO_INTENSITY)
+    v = make_views(vol, cfg, torch.Generator().manual_seed(1))
+    t, st = v["teacher_global"][0].flatten(), v["student_global"][0].flatten()
+    assert not torch.allclose(t, st)
+    idx = torch.argsort(t)                                 # the student is a continuous function of the teacher:
+    jumps = (st[idx].diff().abs() / t[idx].diff().clamp_min(1e-6))   # slope bounded by the steepest segment
+    assert float(jumps.max()) <= 5.0 * 1.0 + 1e-3          # 5 segments of width 0.2, values in [0,1]

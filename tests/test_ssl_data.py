@@ -86,8 +86,11 @@ def test_rank_sampler_splits_the_global_batch_and_resumes_at_an_offset():
 def test_collate_is_view_major():
     s = [{"teacher_global": torch.full((2, 1, 1, 1, 1), float(i)), "student_global": torch.zeros(2, 1, 1, 1, 1),
           "student_flips": torch.zeros(2, 3, dtype=torch.bool), "masks": torch.zeros(2, 1, dtype=torch.bool),
+          "global_boxes": torch.stack([torch.full((2, 3), 10.0 * i + v) for v in range(2)]),
           "local": torch.zeros(0, 1, 1, 1, 1), "volume": i} for i in range(3)]
     out = collate_views(s)
     # rows v*B + b: view 0 of samples 0,1,2 then view 1 of samples 0,1,2
     assert out["teacher_global"].flatten().tolist() == [0, 1, 2, 0, 1, 2]
+    assert out["global_boxes"].shape == (6, 2, 3)
+    assert out["global_boxes"][:, 0, 0].tolist() == [0, 10, 20, 1, 11, 21]   # the box travels with its view
     assert out["local"].shape == (0, 1, 1, 1, 1) and out["volumes"].tolist() == [0, 1, 2]

@@ -145,11 +145,32 @@ def test_loss_falls_and_collapse_monitors_stay_healthy(data_dir, tmp_path):
     assert meta["provenance"]["git_commit"] is None or len(meta["provenance"]["git_commit"]) == 40
 
 
+def test_dense_loss_adds_the_unmasked_token_term_and_nothing_else(data_dir, tmp_path):
+    """One step with dense_weight 0 and 0.5 from the same seed: the DINO, iBOT and KoLeo terms (computed before
+    the first update) are identical; the total grows by exactly 0.5 x the logged dense loss, a cross-entropy
+    between a random-init teacher and student that differs clearly from 0."""
+    rows = {}
+    for w in (0.0, 0.5):
+        cfg = load_config(_config_file(tmp_path), ["steps=1", f"dense_weight={w}", "mask_probability=1",
+                                                   "augment.remap_prob=1.0"])
+        train(cfg, data_dir, tmp_path / f"run{w}")
+        (row,) = _read_log(tmp_path / f"run{w}")
+        rows[w] = {k: float(v) for k, v in row.items() if k in ("loss", "dino_loss", "ibot_loss", "dense_loss",
+                                                                "koleo_loss")}
+    a, b = rows[0.0], rows[0.5]
+    assert a["dense_loss"] == 0.0
+    for k in ("dino_loss", "ibot_loss", "koleo_loss"):
+        assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-6)
+    assert math.isfinite(b["dense_loss"]) and b["dense_loss"] > 1.0
+    assert b["loss"] == pytest.approx(a["loss"] + 0.5 * b["dense_loss"], rel=1e-6, abs=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------- resume
 
 def test_resume_after_stop_is_bit_exact(data_dir, tmp_path):
     """6 steps straight == 3 steps, process ends, new process resumes 3 steps: every tensor equal bit for bit."""
-    cfg = _config_file(tmp_path, steps=6, drop_path_rate=0.1)   # drop path exercises the torch RNG state
+    cfg = _config_file(tmp_path, steps=6, drop_path_rate=0.1,   # drop path exercises the torch RNG state
+                       dense_weight=1.0, augment=dict(SMALL["augment"], remap_prob=0.8))
     straight, split = tmp_path / "straight", tmp_path / "split"
     _pretrain(["--config", str(cfg), "--data", str(data_dir), "--out", str(straight)])
     r1 = _pretrain(["--config", str(cfg), "--data", str(data_dir), "--out", str(split), "--set", "steps_per_run=3"])

@@ -23,6 +23,12 @@ GIN (global intensity non-linear augmentation, Ouyang et al. 2022): a freshly dr
 intensities; its output, rescaled to the input's mean and standard deviation, is blended with the input with
 a random weight. Random weights of either sign can invert or re-order tissue contrasts, which teaches the
 features to ignore the CT/MR intensity mapping.
+
+Intensity remapping (``remap_prob``; an addition of ours, off by default): a random look-up curve through
+``remap_knots`` evenly spaced control points with values uniform in [0,1] (sorted, so monotone, with
+probability ``remap_monotone_prob``) replaces every intensity. Unlike GIN's blend it changes *which* tissues are
+bright: fat can become dark and fluid bright, as between CT and T1/T2 MR. Edges between tissues stay where they
+are, so the student still has the structure to recognise the anatomy by.
 """
 
 from __future__ import annotations
@@ -63,6 +69,9 @@ class AugmentConfig:
     gin_prob: float = 0.5                    # GIN random conv net remapping
     gin_layers: int = 4
     gin_channels: int = 2
+    remap_prob: float = 0.0                  # random intensity look-up curve (see module docstring; 0: off)
+    remap_knots: int = 6                     # control points of the curve, evenly spaced over [0,1]
+    remap_monotone_prob: float = 0.25        # probability that the curve is sorted (contrast order kept)
 
     def __post_init__(self):
         self.global_scale = tuple(float(v) for v in self.global_scale)
@@ -220,8 +229,28 @@ def gin(x: torch.Tensor, g: torch.Generator, n_layers: int = 4, channels: int = 
     return alpha * y + (1.0 - alpha) * x
 
 
+def intensity_remap(x: torch.Tensor, g: torch.Generator, n_knots: int = 6, monotone_prob: float = 0.25) -> torch.Tensor:
+    """Replace every intensity by a random piecewise-linear look-up curve (module docstring).
+
+    x (C,D,H,W) in [0,1] -> same shape in [0,1]. The curve passes through ``n_knots`` (>= 2) control points at
+    evenly spaced inputs 0 .. 1 with values uniform in [0,1], sorted with probability ``monotone_prob``. Equal
+    inputs give equal outputs: the remap is a function of the intensity alone.
+    """
+    n = max(2, int(n_knots))
+    values = torch.rand(n, generator=g, dtype=x.dtype)
+    if _coin(g, monotone_prob):
+        values = values.sort().values
+    pos = x.clamp(0.0, 1.0) * (n - 1)
+    lo = pos.floor().clamp(max=n - 2).long()
+    frac = pos - lo.to(x.dtype)
+    return values[lo] * (1.0 - frac) + values[lo + 1] * frac
+
+
 def intensity_augment(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
-    """Apply GIN, bias field, gamma, contrast, blur and noise, each with its probability; clip to [0,1]."""
+    """Apply the intensity remap, GIN, bias field, gamma, contrast, blur and noise, each with its probability;
+    clip to [0,1]."""
+    if cfg.remap_prob > 0 and _coin(g, cfg.remap_prob):
+        x = intensity_remap(x, g, cfg.remap_knots, cfg.remap_monotone_prob)
     if _coin(g, cfg.gin_prob):
         x = gin(x, g, cfg.gin_layers, cfg.gin_channels).clamp(0.0, 1.0)
     if _coin(g, cfg.bias_field_prob):
@@ -288,12 +317,14 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> 
           "teacher_global": (n_global, 1, S, S, S) clean global crops,
           "student_global": (n_global, 1, S, S, S) the same crops, intensity-augmented and flipped,
           "student_flips": (n_global, 3) bool, the flips applied to the student's global crops,
+          "global_boxes": (n_global, 2, 3) float32, each global crop's (start, size) in voxels of the volume
+              along (D,H,W) (where its tokens lie: :func:`dinoreg_core.ssl.dense.token_centres`),
           "local": (n_local, 1, s, s, s) student local crops (augmented and flipped; flips not needed later).
     """
     x = volume if volume.ndim == 4 else volume[None]
     x = x.float()
     shape, offset = region_box(tuple(x.shape[1:]), cfg.region_size, g)
-    tg, sg, sf, loc = [], [], [], []
+    tg, sg, sf, boxes, loc = [], [], [], [], []
     for _ in range(cfg.n_global):
         if cfg.global_zoom is not None:
             start, size = random_zoom_box(shape, cfg.global_size, cfg.global_zoom, cfg.max_aspect, g)
@@ -305,6 +336,7 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> 
         tg.append(crop)
         sg.append(flip_volume(intensity_augment(crop, cfg, g), flips))
         sf.append(flips)
+        boxes.append(torch.tensor([start, size], dtype=torch.float32))
     for _ in range(cfg.n_local):
         if cfg.local_zoom is not None:
             start, size = random_zoom_box(shape, cfg.local_size, cfg.local_zoom, cfg.max_aspect, g)
@@ -315,4 +347,5 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> 
         loc.append(flip_volume(intensity_augment(crop, cfg, g), random_flips(g, cfg.flip_prob)))
     empty = torch.zeros(0, 1, cfg.local_size, cfg.local_size, cfg.local_size)
     return {"teacher_global": torch.stack(tg), "student_global": torch.stack(sg),
-            "student_flips": torch.stack(sf), "local": torch.stack(loc) if loc else empty}
+            "student_flips": torch.stack(sf), "global_boxes": torch.stack(boxes),
+            "local": torch.stack(loc) if loc else empty}

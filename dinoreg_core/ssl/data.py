@@ -176,11 +176,11 @@ class StepBatchSampler(torch.utils.data.Sampler):
 def collate_views(samples: list[dict]) -> dict:
     """Stack samples view-major: (B, V, ...) -> (V*B, ...), so ``x.chunk(V)`` splits by view.
 
-    Returns "teacher_global", "student_global" (G*B,1,S,S,S), "student_flips" (G*B,3), "masks" (G*B,N),
-    "local" (L*B,1,s,s,s) and "volumes" (B,) long.
+    Returns "teacher_global", "student_global" (G*B,1,S,S,S), "student_flips" (G*B,3), "global_boxes"
+    (G*B,2,3), "masks" (G*B,N), "local" (L*B,1,s,s,s) and "volumes" (B,) long.
     """
     out = {}
-    for key in ("teacher_global", "student_global", "student_flips", "masks", "local"):
+    for key in ("teacher_global", "student_global", "student_flips", "global_boxes", "masks", "local"):
         x = torch.stack([s[key] for s in samples])             # (B, V, ...)
         out[key] = x.transpose(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
     out["volumes"] = torch.tensor([s["volume"] for s in samples], dtype=torch.long)

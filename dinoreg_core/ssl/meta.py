@@ -22,13 +22,16 @@ from .heads import DINOHead
 
 
 class SSLNet(nn.Module):
-    """Backbone + DINO cls head + iBOT patch head (the same head object when not separate)."""
+    """Backbone + DINO cls head + iBOT patch head (the same head object when not separate) + optional dense
+    projector for the cross-view correspondence loss (:mod:`dinoreg_core.ssl.dense`)."""
 
-    def __init__(self, backbone: nn.Module, dino_head: DINOHead, ibot_head: DINOHead | None = None):
+    def __init__(self, backbone: nn.Module, dino_head: DINOHead, ibot_head: DINOHead | None = None,
+                 dense_head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
         self.dino_head = dino_head
         self.ibot_head = ibot_head          # None: the DINO head also serves the patch tokens
+        self.dense_head = dense_head        # None: no correspondence loss
 
     @property
     def patch_head(self) -> DINOHead:
@@ -37,24 +40,29 @@ class SSLNet(nn.Module):
     def heads(self) -> list[DINOHead]:
         return [self.dino_head] + ([self.ibot_head] if self.ibot_head is not None else [])
 
-    def forward_teacher(self, views: torch.Tensor, masks: torch.Tensor) -> dict:
+    def forward_teacher(self, views: torch.Tensor, masks: torch.Tensor, visible: bool = False) -> dict:
         """Teacher pass over the clean global views.
 
         Args:
             views: (G*B, 1, S, S, S).
             masks: (G*B, N) bool, teacher frame.
+            visible: also return the head logits at the unmasked tokens.
 
         Returns:
             dict: "cls" (G*B, C) backbone cls, "cls_logits" (G*B, K), "patch_tokens" (G*B, N, C),
-            "masked_logits" (M, K_patch) head logits at the M masked tokens (raster order within each view).
+            "masked_logits" (M, K_patch) head logits at the M masked tokens (raster order within each view), and
+            with ``visible`` "visible_logits" (G*B*N - M, K_patch) at the other tokens (same order).
         """
         out = self.backbone(views)
         patches = out["patch_tokens"]
-        return {"cls": out["cls"], "cls_logits": self.dino_head(out["cls"]), "patch_tokens": patches,
-                "masked_logits": self.patch_head(patches[masks])}
+        res = {"cls": out["cls"], "cls_logits": self.dino_head(out["cls"]), "patch_tokens": patches,
+               "masked_logits": self.patch_head(patches[masks])}
+        if visible:
+            res["visible_logits"] = self.patch_head(patches[~masks])
+        return res
 
     def forward(self, views: torch.Tensor, masks: torch.Tensor, flips: torch.Tensor,
-                local_views: torch.Tensor | None = None) -> dict:
+                local_views: torch.Tensor | None = None, visible: bool = False) -> dict:
         """Student pass over the augmented, flipped global views (masked) and the local views.
 
         Args:
@@ -62,17 +70,21 @@ class SSLNet(nn.Module):
             masks: (G*B, N) bool, teacher frame.
             flips: (G*B, 3) bool flips applied to ``views``.
             local_views: (L*B, 1, s, s, s) or None.
+            visible: also return the head logits at the unmasked tokens.
 
         Returns:
             dict: "cls" (G*B, C) backbone cls of the global views, "cls_logits" (G*B, K),
             "local_cls_logits" (L*B, K) (empty when no local views), "patch_tokens" (G*B, N, C) flipped back into
-            the teacher's frame, "masked_logits" (M, K_patch) at the masked tokens (teacher frame and order).
+            the teacher's frame, "masked_logits" (M, K_patch) at the masked tokens (teacher frame and order), and
+            with ``visible`` "visible_logits" (G*B*N - M, K_patch) at the unmasked tokens (teacher frame and order).
         """
         grid = self._grid(views)
         out = self.backbone(views, masks=flip_tokens(masks, grid, flips))
         patches = flip_tokens(out["patch_tokens"], grid, flips)        # back into the teacher's frame
         res = {"cls": out["cls"], "cls_logits": self.dino_head(out["cls"]), "patch_tokens": patches,
                "masked_logits": self.patch_head(patches[masks])}
+        if visible:
+            res["visible_logits"] = self.patch_head(patches[~masks])
         if local_views is not None and local_views.shape[0] > 0:
             res["local_cls_logits"] = self.dino_head(self.backbone(local_views)["cls"])
         else:

@@ -11,7 +11,11 @@ What one step does:
 2. teacher (no gradient) on the clean global crops -> cls targets (centering or Sinkhorn-Knopp) and patch
    targets at the masked tokens;
 3. student on the augmented, flipped, masked global crops and the local crops -> DINO loss (cls, cross-view),
-   iBOT loss (masked patches, flipped back onto the teacher's grid), KoLeo (spread of the global cls tokens);
+   iBOT loss (masked patches, flipped back onto the teacher's grid), optionally the same loss at the unmasked
+   patches (``dense_weight``: the student's token of an intensity-remapped view must match the teacher's token
+   of the clean view at the same place), optionally the cross-view correspondence loss (``contrast_weight``,
+   :mod:`dinoreg_core.ssl.dense`: a point seen in both global crops gets the same embedding, other points of the
+   region a different one), KoLeo (spread of the global cls tokens);
 4. backward, gradient all-reduce (several processes), clipping, AdamW step;
 5. teacher <- EMA of the student; centers <- EMA of the teacher outputs;
 6. log (CSV, TensorBoard when installed, tqdm), checkpoint every ``ckpt_every`` steps (atomic).
@@ -59,15 +63,16 @@ from ..errors import DinoregError
 from ..models.vit3d import CONFIGS, ViT3D, ViT3DConfig
 from . import dist as D
 from .data import MaskConfig, PretrainViews, StepBatchSampler, VolumeSource, collate_views, sample_seed
+from .dense import DenseProjector, dense_correspondence_loss
 from .heads import DINOHead, cancel_last_layer_grads
 from .losses import Center, dino_cls_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
 from .meta import SSLNet
 from .schedules import cosine, warmup_constant, warmup_cosine
 
-LOG_FIELDS = ["step", "samples", "loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "weight_decay", "momentum",
-              "teacher_temp", "grad_norm", "teacher_entropy", "teacher_marginal_entropy", "patch_entropy",
-              "patch_marginal_entropy", "cls_std", "patch_std",
-              "mask_ratio", "sec_per_step"]
+LOG_FIELDS = ["step", "samples", "loss", "dino_loss", "ibot_loss", "dense_loss", "contrast_loss", "koleo_loss", "lr",
+              "weight_decay", "momentum", "teacher_temp", "grad_norm", "teacher_entropy", "teacher_marginal_entropy",
+              "patch_entropy", "patch_marginal_entropy", "cls_std", "patch_std", "contrast_top1", "mask_ratio",
+              "sec_per_step"]
 
 
 @dataclass
@@ -89,6 +94,13 @@ class PretrainConfig:
     # losses
     dino_weight: float = 1.0
     ibot_weight: float = 1.0                   # paper: 1.0
+    dense_weight: float = 0.0                  # iBOT-style loss at the *unmasked* tokens too: the student's patch
+                                               # tokens of the augmented view predict the teacher's at the same
+                                               # place of the clean view (ours; paper: 0, masked tokens only)
+    contrast_weight: float = 0.0               # cross-view correspondence loss (ours, dinoreg_core.ssl.dense; 0: off)
+    contrast_temp: float = 0.2                 # its InfoNCE temperature
+    contrast_exclude: float = 6.0              # negatives closer than this to the point are left out (voxels)
+    contrast_dim: int = 64                     # its projector's output dimension
     koleo_weight: float = 0.1                  # paper: 0.1
     centering: str = "center"                  # "center" (running mean) or "sinkhorn" (Sinkhorn-Knopp, 3 iters)
     center_momentum: float = 0.9
@@ -267,7 +279,8 @@ def build_net(cfg: PretrainConfig, vit_cfg: ViT3DConfig) -> SSLNet:
     def head():
         return DINOHead(C, cfg.head_out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim, cfg.head_layers)
 
-    return SSLNet(ViT3D(vit_cfg), head(), head() if cfg.ibot_separate_head else None)
+    dense = DenseProjector(C, out_dim=cfg.contrast_dim) if cfg.contrast_weight > 0 else None
+    return SSLNet(ViT3D(vit_cfg), head(), head() if cfg.ibot_separate_head else None, dense)
 
 
 def param_groups(net: SSLNet, layer_decay: float) -> list[dict]:
@@ -491,23 +504,43 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         masks = batch["masks"]                                           # (G*b, N), teacher frame
         n_masked = masks.sum(1)
         weights = (1.0 / n_masked.clamp(min=1).float()).repeat_interleave(n_masked)   # per masked token
+        dense = cfg.dense_weight > 0
+        if dense:
+            n_visible = masks.shape[1] - n_masked
+            vis_weights = (1.0 / n_visible.clamp(min=1).float()).repeat_interleave(n_visible)
 
         # 2. teacher targets
         with torch.no_grad():
             with autocast:
-                t = teacher.forward_teacher(batch["teacher_global"], masks)
+                t = teacher.forward_teacher(batch["teacher_global"], masks, visible=dense)
             t_cls = targets(t["cls_logits"], dino_center, teacher_temp)
             t_patch = targets(t["masked_logits"], ibot_center, teacher_temp, weights)
+            t_visible = targets(t["visible_logits"], ibot_center, teacher_temp, vis_weights) if dense else None
 
         # 3. student and losses
         with autocast:
-            s = student(batch["student_global"], masks, batch["student_flips"], batch["local"])
+            s = student(batch["student_global"], masks, batch["student_flips"], batch["local"], visible=dense)
         student_views = list(s["cls_logits"].chunk(G)) + (list(s["local_cls_logits"].chunk(L)) if L else [])
         dino = dino_cls_loss(student_views, list(t_cls.chunk(G)), cfg.student_temp)
         ibot = ibot_patch_loss(s["masked_logits"], t_patch, weights, masks.shape[0], cfg.student_temp)
+        dense_loss = (ibot_patch_loss(s["visible_logits"], t_visible, vis_weights, masks.shape[0], cfg.student_temp)
+                      if dense else ibot.new_zeros(()))
         b = masks.shape[0] // G
         koleo = sum(koleo_loss(c, D.all_gather_grad, offset=rank * b) for c in s["cls"].chunk(G))
         loss = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.koleo_weight * koleo
+        if dense:
+            loss = loss + cfg.dense_weight * dense_loss
+        contrast_loss, contrast_top1 = ibot.new_zeros(()), float("nan")
+        if cfg.contrast_weight > 0:
+            with torch.no_grad(), autocast:
+                t_emb = teacher.dense_head(t["patch_tokens"])
+            with autocast:
+                s_emb = student.dense_head(s["patch_tokens"])
+            grid = (cfg.augment.global_size // vit_cfg.patch_size,) * 3
+            contrast_loss, cst = dense_correspondence_loss(s_emb, t_emb, batch["global_boxes"], grid, G, valid=~masks,
+                                                           temp=cfg.contrast_temp, exclude=cfg.contrast_exclude)
+            contrast_top1 = cst["top1"]
+            loss = loss + cfg.contrast_weight * contrast_loss
 
         # 4. backward, gradient average over processes, clipping, optimiser step
         optimizer.zero_grad(set_to_none=True)
@@ -537,7 +570,8 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         # 6. log and checkpoint
         if step % cfg.log_every == 0 or step == end:
             with torch.no_grad():
-                stats = torch.tensor([loss.item(), float(dino), float(ibot), float(koleo),
+                stats = torch.tensor([loss.item(), float(dino), float(ibot), float(dense_loss),
+                                      float(contrast_loss), float(contrast_top1), float(koleo),
                                       float(entropy(t_cls).mean()), float(entropy(t_cls.mean(0, keepdim=True))),
                                       float(entropy(t_patch).mean()) if len(t_patch) else float("nan"),
                                       float(entropy(t_patch.mean(0, keepdim=True))) if len(t_patch) else float("nan"),
@@ -545,7 +579,8 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
                                       float(n_masked.float().mean() / masks.shape[1])], dtype=torch.float64)
             D.all_reduce_(stats, "mean")
             now = time.time()
-            last_row = dict(zip(["loss", "dino_loss", "ibot_loss", "koleo_loss", "teacher_entropy",
+            last_row = dict(zip(["loss", "dino_loss", "ibot_loss", "dense_loss", "contrast_loss", "contrast_top1",
+                                 "koleo_loss", "teacher_entropy",
                                  "teacher_marginal_entropy", "patch_entropy", "patch_marginal_entropy", "cls_std",
                                  "patch_std", "mask_ratio"], stats.tolist()))
             last_row.update(step=step, samples=samples, lr=lr, weight_decay=wd, momentum=momentum,

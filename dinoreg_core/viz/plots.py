@@ -159,7 +159,7 @@ def _clean_axes(ax) -> None:
 # figures
 
 LOSS_GROUPS = (
-    ("loss", ("loss", "dino_loss", "ibot_loss", "koleo_loss")),
+    ("loss", ("loss", "dino_loss", "ibot_loss", "dense_loss", "koleo_loss")),
     ("entropy (nats; collapse monitors)", ("teacher_entropy", "teacher_marginal_entropy", "patch_entropy",
                                            "patch_marginal_entropy")),
     ("feature spread (std)", ("cls_std", "patch_std")),
@@ -171,8 +171,8 @@ def loss_curves(log) -> Figure:
 
     Args:
         log: path to a pretraining ``log.csv`` (columns ``step`` and some of ``loss``, ``dino_loss``,
-            ``ibot_loss``, ``koleo_loss``, ``teacher_entropy``, ``teacher_marginal_entropy``, ``patch_entropy``,
-            ``patch_marginal_entropy``, ``cls_std``, ``patch_std``) or such a DataFrame.
+            ``ibot_loss``, ``dense_loss``, ``koleo_loss``, ``teacher_entropy``, ``teacher_marginal_entropy``,
+            ``patch_entropy``, ``patch_marginal_entropy``, ``cls_std``, ``patch_std``) or such a DataFrame.
 
     Falling marginal entropy with low per-sample entropy is healthy; both entropies collapsing towards 0 (one
     prototype for everything) or the per-sample entropy staying at the marginal one (uniform targets) are the
