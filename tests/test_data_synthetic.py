@@ -47,6 +47,12 @@ def test_phantom_config_errors_name_the_field():
     with pytest.raises(DinoregError, match="PhantomConfig has no field 'n_subject'"):
         phantom_config({"n_subject": 3})
     assert phantom_config({"spacing": 4.0, "shape": [16, 16, 16]}).shape == (16, 16, 16)
+    # a range given as one number, or a number given as text, is refused naming the field (not a traceback later)
+    with pytest.raises(DinoregError, match=r"mr_breath_change_mm=0 must be a list"):
+        phantom_config({"mr_breath_change_mm": 0})
+    with pytest.raises(DinoregError, match=r"mr_pose_mm='none' must be a number"):
+        phantom_config({"mr_pose_mm": "none"})
+    assert phantom_config({"mr_breath_change_mm": [0, 0], "mr_pose_mm": 0}).mr_breath_change_mm == (0, 0)
 
 
 def test_fetch_generated_cohort_from_a_manifest_and_build_a_corpus(tmp_path, data_cli, capsys):

@@ -94,3 +94,44 @@ def test_collate_is_view_major():
     assert out["global_boxes"].shape == (6, 2, 3)
     assert out["global_boxes"][:, 0, 0].tolist() == [0, 10, 20, 1, 11, 21]   # the box travels with its view
     assert out["local"].shape == (0, 1, 1, 1, 1) and out["volumes"].tolist() == [0, 1, 2]
+
+
+def test_partners_are_found_by_case_and_resampled_onto_the_scan_grid(tmp_path):
+    """A CT and an "MR" of case 1 on different grids of the same world box: the MR comes back on the CT's grid,
+    voxel for voxel where the CT's box lies inside it; case 2 has no partner."""
+    (tmp_path / "imagesTr").mkdir()
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in (24, 20, 16)], indexing="ij")
+    ct = (-1000.0 + 60.0 * z + 20.0 * y + 5.0 * x).astype(np.float32)            # HU, a world-linear ramp
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(ct, aff), str(tmp_path / "imagesTr" / "T_0001_0000.nii.gz"))
+    mr = 10.0 + (z + y + x)                                                         # MR-like positive values
+    mr_aff = aff.copy()
+    mr_aff[:3, 3] = [-4.0, 0.0, 0.0]                                                # 2 voxels further along D
+    mr_big = np.zeros((26, 20, 16), np.float32)
+    mr_big[2:] = mr
+    nib.save(nib.Nifti1Image(mr_big, mr_aff), str(tmp_path / "imagesTr" / "T_0001_0001.nii.gz"))
+    nib.save(nib.Nifti1Image(ct, aff), str(tmp_path / "imagesTr" / "T_0002_0000.nii.gz"))
+    src = VolumeSource(tmp_path, spacing_mm=2.0)
+    src.corpus_cfg.crop_foreground = False
+    names = [Path(src.name(i)).name for i in range(len(src))]
+    i_ct, i_mr, i_other = (names.index(n) for n in ("T_0001_0000.nii.gz", "T_0001_0001.nii.gz", "T_0002_0000.nii.gz"))
+    assert src.partners(i_ct) == [i_mr] and src.partners(i_mr) == [i_ct] and src.partners(i_other) == []
+    on_ct = src.load_partner(i_ct, i_mr)
+    ref = src.load(i_mr)                                                            # the MR on its own grid
+    assert on_ct.shape == src.load(i_ct).shape
+    np.testing.assert_allclose(on_ct, ref[2:], atol=1e-5)                           # shifted by the 2 voxels
+    # the views of a paired sample: the student shows the other modality when partner_prob is 1
+    no_aug = dict(bias_field_prob=0.0, gamma_prob=0.0, contrast_prob=0.0, noise_prob=0.0, blur_prob=0.0,
+                  gin_prob=0.0, flip_prob=0.0)
+    cfg = AugmentConfig(global_size=8, local_size=4, n_local=1, partner_prob=1.0, **no_aug)
+    ds = PretrainViews(src, cfg, MaskConfig(), patch_size=4, seed=0)
+    swapped = 0
+    for k in range(6):
+        s = ds[k]
+        for t, st in zip(s["teacher_global"], s["student_global"]):
+            assert not torch.equal(t, st) or ds.volume_index(k) == i_other
+            swapped += int(not torch.equal(t, st))
+    assert swapped > 0
+    cfg0 = AugmentConfig(global_size=8, local_size=4, n_local=1, partner_prob=0.0, **no_aug)
+    s0 = PretrainViews(src, cfg0, MaskConfig(), patch_size=4, seed=0)[0]
+    assert torch.equal(s0["teacher_global"], s0["student_global"])

@@ -187,8 +187,14 @@ def phantom_config(overrides: dict):
         name = _OPTION_FIELDS.get(key, key)
         if name not in fields:
             raise DinoregError(f"PhantomConfig has no field '{key}'; its fields are: {', '.join(fields)}.")
-        if isinstance(value, list) and isinstance(getattr(defaults, name, None), tuple):
+        default = getattr(defaults, name, None)
+        if isinstance(value, list) and isinstance(default, tuple):
             value = tuple(value)
+        if isinstance(default, tuple) and not isinstance(value, tuple):
+            raise DinoregError(f"The phantom setting {name}={value!r} must be a list like {list(default)!r}.")
+        if (isinstance(default, (int, float)) and not isinstance(default, bool)
+                and not (isinstance(value, (int, float)) and not isinstance(value, bool))):
+            raise DinoregError(f"The phantom setting {name}={value!r} must be a number (default {default!r}).")
         kwargs[name] = value
     try:
         cfg = cls(**kwargs)

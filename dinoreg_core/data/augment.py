@@ -72,6 +72,9 @@ class AugmentConfig:
     remap_prob: float = 0.0                  # random intensity look-up curve (see module docstring; 0: off)
     remap_knots: int = 6                     # control points of the curve, evenly spaced over [0,1]
     remap_monotone_prob: float = 0.25        # probability that the curve is sorted (contrast order kept)
+    partner_prob: float = 0.0                # with a co-registered scan of another modality (a "partner"): the
+                                             # probability that a student view shows the partner where the
+                                             # teacher shows the scan (0: partners unused; see make_views)
 
     def __post_init__(self):
         self.global_scale = tuple(float(v) for v in self.global_scale)
@@ -304,13 +307,19 @@ def flip_tokens(tokens: torch.Tensor, grid: tuple[int, int, int], flips: torch.T
 
 # ------------------------------------------------------------------------------------------------------ views
 
-def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> dict:
+def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
+               partner: torch.Tensor | None = None) -> dict:
     """All views of one sample.
 
     Args:
         volume: (D,H,W) or (1,D,H,W) float32 in [0,1].
         cfg: view settings.
         g: generator (seed it per sample).
+        partner: optional co-registered scan of the same anatomy in another modality, on the same grid as
+            ``volume``. Then every crop is cut from both at the same box; the teacher sees one of the two (chosen
+            per global view with probability 1/2) and the student, with probability ``cfg.partner_prob``, the other
+            one, else the same: the student must give the same cls and patch outputs as the teacher across the
+            modality change (an addition of ours; the paper's data are unpaired).
 
     Returns:
         dict with
@@ -323,6 +332,19 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> 
     """
     x = volume if volume.ndim == 4 else volume[None]
     x = x.float()
+    if partner is not None:
+        other = (partner if partner.ndim == 4 else partner[None]).float()
+        if other.shape != x.shape:
+            raise ValueError(f"the partner scan {tuple(other.shape)} is not on the grid of the volume {tuple(x.shape)}")
+        x = torch.cat([x, other])                                        # (2,D,H,W): scan, partner
+
+    def pick(crop: torch.Tensor, teacher_channel: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher, student) channels of a 1- or 2-channel crop."""
+        if crop.shape[0] == 1:
+            return crop, crop
+        swap = _coin(g, cfg.partner_prob)
+        return crop[teacher_channel:teacher_channel + 1], crop[(1 - teacher_channel if swap else teacher_channel):][:1]
+
     shape, offset = region_box(tuple(x.shape[1:]), cfg.region_size, g)
     tg, sg, sf, boxes, loc = [], [], [], [], []
     for _ in range(cfg.n_global):
@@ -332,9 +354,10 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> 
             start, size = random_crop_box(shape, cfg.global_scale, cfg.max_aspect, g)
         start = tuple(s + o for s, o in zip(start, offset))
         crop = resample_box(x, start, size, cfg.global_size)
+        crop, student_crop = pick(crop, int(_coin(g, 0.5)) if x.shape[0] == 2 else 0)
         flips = random_flips(g, cfg.flip_prob)
         tg.append(crop)
-        sg.append(flip_volume(intensity_augment(crop, cfg, g), flips))
+        sg.append(flip_volume(intensity_augment(student_crop, cfg, g), flips))
         sf.append(flips)
         boxes.append(torch.tensor([start, size], dtype=torch.float32))
     for _ in range(cfg.n_local):
@@ -344,6 +367,8 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> 
             start, size = random_crop_box(shape, cfg.local_scale, cfg.max_aspect, g)
         start = tuple(s + o for s, o in zip(start, offset))
         crop = resample_box(x, start, size, cfg.local_size)
+        if x.shape[0] == 2:
+            crop = crop[int(_coin(g, 0.5)):][:1]
         loc.append(flip_volume(intensity_augment(crop, cfg, g), random_flips(g, cfg.flip_prob)))
     empty = torch.zeros(0, 1, cfg.local_size, cfg.local_size, cfg.local_size)
     return {"teacher_global": torch.stack(tg), "student_global": torch.stack(sg),

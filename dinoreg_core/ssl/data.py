@@ -9,6 +9,11 @@ Sources (:class:`VolumeSource`), all giving (D,H,W) float32 volumes in [0,1] (ca
   (resampled to ``spacing_mm``, cropped to the body, intensity-normalised with the CT window or MR percentiles,
   modality guessed when not known).
 
+Partners (``augment.partner_prob > 0``): scans of the same case in another modality, co-registered in world
+space (Learn2Reg naming ``<TASK>_<case>_<modality>.nii.gz``: the same name up to the last ``_NNNN``). A sample then
+also loads a partner, resampled onto its grid through the two affines, and the views mix the two modalities (see
+:func:`dinoreg_core.data.augment.make_views`). Volumes without a partner give single-modality views.
+
 Sample stream (:class:`PretrainViews`): global sample index ``i`` (0, 1, 2, ... over the whole run) picks volume
 ``perm_e[i % n]`` where ``perm_e`` is a permutation of the n volumes drawn from (seed, epoch e = i // n); all
 random choices of its views and masks come from a generator seeded with (seed, i). A sample is therefore a pure
@@ -22,6 +27,7 @@ samples ``offset + (s-s0)*B .. offset + (s-s0)*B + B-1`` (B = global batch, ``of
 from __future__ import annotations
 
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,15 +69,40 @@ class VolumeSource:
 
     def load(self, i: int) -> np.ndarray:
         """Volume ``i`` as (D,H,W) float32 in [0,1]."""
+        return self.load_with_affine(i)[0]
+
+    def load_with_affine(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Volume ``i`` as (D,H,W) float32 in [0,1] and its (4,4) voxel -> world (mm) affine."""
         if self.kind == "corpus":
             from ..data.corpus import load_corpus_volume
 
-            return np.asarray(load_corpus_volume(self.entries[i]), dtype=np.float32)
+            e = self.entries[i]
+            return np.asarray(load_corpus_volume(e), dtype=np.float32), np.asarray(e.affine, dtype=np.float64)
         from ..data.corpus import preprocess_volume
 
         item = self.items[i]
-        arr, _ = preprocess_volume(item.path, self.corpus_cfg, item.modality)
-        return arr.astype(np.float32, copy=False)
+        arr, info = preprocess_volume(item.path, self.corpus_cfg, item.modality)
+        return arr.astype(np.float32, copy=False), np.asarray(info["affine"], dtype=np.float64)
+
+    def partners(self, i: int) -> list[int]:
+        """The other volumes of volume ``i``'s case (same file name up to a final ``_NNNN`` modality index)."""
+        if not hasattr(self, "_cases"):
+            self._cases = []
+            for n in self.names:
+                stem = re.sub(r"\.nii(\.gz)?$|\.npy$", "", Path(n).name)
+                m = re.fullmatch(r"(.+)_\d{4}", stem)
+                self._cases.append(str(Path(n).parent / m.group(1)) if m else None)
+        key = self._cases[i]
+        return [j for j, k in enumerate(self._cases) if key is not None and k == key and j != i]
+
+    def load_partner(self, i: int, j: int) -> np.ndarray:
+        """Volume ``j`` resampled onto volume ``i``'s grid through their affines (0 outside j's field of view)."""
+        from ..io import Volume
+        from ..preprocess import resample_to
+
+        ai, fi = self.load_with_affine(i)
+        aj, fj = self.load_with_affine(j)
+        return resample_to(Volume(aj, fj), Volume(ai, fi), cval=0.0)
 
     def describe(self) -> dict:
         """Provenance of the data: path, kind and number of volumes."""
@@ -109,6 +140,7 @@ class PretrainViews(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.cache_size = int(cache_size)
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._partner_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._perm_epoch, self._perm = -1, None
 
     def __len__(self) -> int:           # the stream is unbounded; a sampler picks the indices
@@ -133,10 +165,28 @@ class PretrainViews(torch.utils.data.Dataset):
                 self._cache.popitem(last=False)
         return t
 
+    def partner(self, v: int, g: torch.Generator) -> torch.Tensor | None:
+        """A random partner of volume ``v`` on its grid (cached like the volumes), or None."""
+        others = self.source.partners(v)
+        if not others:
+            return None
+        j = others[int(torch.randint(len(others), (), generator=g))]
+        key = (v, j)
+        if key in self._partner_cache:
+            self._partner_cache.move_to_end(key)
+            return self._partner_cache[key]
+        t = torch.from_numpy(np.ascontiguousarray(self.source.load_partner(v, j)))
+        if self.cache_size > 0:
+            self._partner_cache[key] = t
+            while len(self._partner_cache) > self.cache_size:
+                self._partner_cache.popitem(last=False)
+        return t
+
     def __getitem__(self, i: int) -> dict:
         v = self.volume_index(int(i))
         g = torch.Generator().manual_seed(sample_seed(self.seed, int(i)))
-        views = make_views(self.volume(v), self.augment, g)
+        partner = self.partner(v, g) if self.augment.partner_prob > 0 else None
+        views = make_views(self.volume(v), self.augment, g, partner=partner)
         grid = (self.augment.global_size // self.patch_size,) * 3
         m = self.masks
         views["masks"] = torch.stack([
