@@ -37,8 +37,10 @@ reproduce: setup
 # seed 1000 (never used for evaluation), then `dinoreg pretrain --config demo` (1500 steps, about 45 min on one CPU
 # thread). Resumable: rerun the same command after an interruption.
 demo-weights: setup
-	$(BIN)/dinoreg data generate-phantoms --out runs/demo_pretrain/cohort --n-subjects 16 --seed 1000 --set mr_fraction=1.0
-	OMP_NUM_THREADS=1 $(BIN)/dinoreg pretrain --config demo --data runs/demo_pretrain/cohort --out runs/demo_pretrain/run --resume
+	# a CT and a co-registered MR of each subject (no breathing or pose change between them): the demo config pairs them
+	$(BIN)/dinoreg data generate-phantoms --out runs/demo_pretrain/paired_cohort --n-subjects 16 --seed 1000 \
+		--set mr_fraction=1.0 --set "mr_breath_change_mm=[0,0]" --set mr_pose_mm=0 --set mr_pose_deg=0
+	OMP_NUM_THREADS=1 $(BIN)/dinoreg pretrain --config demo --data runs/demo_pretrain/paired_cohort --out runs/demo_pretrain/run --resume
 	@echo "weights: runs/demo_pretrain/run/teacher_backbone.safetensors (+ .json); copy them to dinoreg_core/weights/dino3d_demo.*"
 
 bench: setup

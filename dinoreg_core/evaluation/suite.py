@@ -49,12 +49,14 @@ def read_handoff(run_dir, name: str, *, producer: str = "an earlier notebook") -
 # ---------------------------------------------------------------------------------------------- datasets
 def prepare_dataset(dataset: str, run_dir, *, n_subjects: int = 8, n_val_subjects: int = 3, seed: int = 0,
                     spacing_mm: float = 3.0, shape=None, workers: int = 1, data_dir: str = "data",
-                    progress: bool = True) -> Path:
+                    progress: bool = True, paired: bool = False) -> Path:
     """The ``<TASK>_dataset.json`` of ``dataset``:
 
     * ``"synthetic"``: a synthetic cohort (``n_subjects`` at ``spacing_mm``, the last ``n_val_subjects`` forming the
       CT-CT pairs, half of the subjects with an MR) generated into ``RUN_DIR/data/synthetic_seed<seed>`` (reused when
-      complete; resumed when interrupted);
+      complete; resumed when interrupted). ``paired``: every subject gets an MR co-registered with its CT (no
+      breathing or pose change; ``RUN_DIR/data/synthetic_seed<seed>_paired``), the pretraining data of the demo
+      config (``augment.partner_prob``);
     * a manifest name such as ``"l2r_abdomen_ctct"``: the data fetched by ``dinoreg data fetch NAME --dest DATA_DIR``;
     * a folder (or json file) in the Learn2Reg layout.
     """
@@ -65,7 +67,9 @@ def prepare_dataset(dataset: str, run_dir, *, n_subjects: int = 8, n_val_subject
               "spacing_mm": float(spacing_mm), "workers": int(workers)}
         if shape is not None:
             kw["shape"] = tuple(int(s) for s in shape)
-        out = Path(run_dir) / "data" / f"synthetic_seed{int(seed)}"
+        if paired:
+            kw.update(mr_fraction=1.0, mr_breath_change_mm=(0.0, 0.0), mr_pose_mm=0.0, mr_pose_deg=0.0)
+        out = Path(run_dir) / "data" / (f"synthetic_seed{int(seed)}" + ("_paired" if paired else ""))
         return Path(generate_cohort(out, PhantomConfig(**kw), progress=progress))
     p = Path(dataset).expanduser()
     if p.exists():
@@ -438,12 +442,13 @@ def dino3d_weights(weights: str | None, run_dir) -> str | None:
 def pretrain_step(train: str, *, weights: str | None, corpus: str, run_dir, config: str | None, steps: int, seed: int = 0,
                   overrides=(), cohort: dict | None = None, progress: bool = True) -> dict:
     """Notebook 01 in one call: build the corpus when training is needed (``corpus="synthetic"``: a cohort with
-    ``cohort`` settings, see :func:`prepare_dataset`), then :func:`pretrain_or_shipped`. ``overrides``: {field: value}
+    ``cohort`` settings, see :func:`prepare_dataset`; paired CT + MR unless ``cohort["paired"]`` is False), then :func:`pretrain_or_shipped`. ``overrides``: {field: value}
     (or ``"field=value"`` strings) on top of the config, after ``steps`` and ``seed``."""
     data = corpus
     if pretraining_needed(train, weights) and corpus == "synthetic":
         c = dict(cohort or {})
         c.setdefault("n_val_subjects", 0)
+        c.setdefault("paired", True)          # co-registered CT + MR: what the demo config's partner views need
         data = str(prepare_dataset("synthetic", run_dir, progress=progress, **c))
     if isinstance(overrides, dict):
         overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
