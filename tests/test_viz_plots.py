@@ -79,7 +79,7 @@ def test_loss_curves_of_the_demo_pretraining_log():
     fig = plots.loss_curves(REPO_LOG)
     assert len(fig.axes) == 3
     lines = fig.axes[0].get_lines()
-    assert [ln.get_label() for ln in lines] == ["loss", "dino_loss", "ibot_loss", "dense_loss", "koleo_loss"]
+    assert [ln.get_label() for ln in lines] == ["loss", "dino_loss", "ibot_loss", "koleo_loss"]
     np.testing.assert_allclose(lines[1].get_ydata(), log["dino_loss"].to_numpy())
     np.testing.assert_array_equal(lines[1].get_xdata(), log["step"].to_numpy())
     assert [ln.get_label() for ln in fig.axes[1].get_lines()] == ["teacher_entropy", "teacher_marginal_entropy",
