@@ -9,7 +9,6 @@ preprocess (load + resample + body crop + normalise + save) and the size on disk
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from bench_io import append_rows  # bench/ is on sys.path when a bench script runs
 from dinoreg_core.data.corpus import CorpusConfig, build_corpus, load_corpus_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +58,7 @@ def main() -> None:
                          "spacing_mm": sp, "cached_shape": "x".join(map(str, e.shape)), "dtype": e.dtype,
                          "seconds": round(dt, 3), "bytes_on_disk": size})
             print(rows[-1])
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    new = not OUT.exists()
-    with OUT.open("a", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(OUT, list(rows[0]), rows)
     print(f"wrote {OUT}")
 
 

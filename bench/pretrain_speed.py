@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_io import append_rows  # bench/ is on sys.path when a bench script runs
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "bench" / "pretrain_speed.csv"
 COLUMNS = ["date", "machine", "device", "torch", "threads", "model", "params_m", "global_size", "local_size",
@@ -111,12 +113,7 @@ def main(argv=None) -> int:
                 if args.device.startswith("cuda"):
                     import torch
                     torch.cuda.empty_cache()
-            new = not args.out.exists()
-            with args.out.open("a", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=COLUMNS)
-                if new:
-                    w.writeheader()
-                w.writerow(row)
+            append_rows(args.out, COLUMNS, [row])
             print(", ".join(f"{k}={row.get(k)}" for k in ("model", "global_size", "local_size", "n_local", "batch_size",
                                                           "sec_per_step", "steps_per_s", "cuda_peak_mb", "status")),
                   flush=True)

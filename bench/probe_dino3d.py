@@ -19,7 +19,6 @@ patch) and ``intensity`` (the normalised intensity averaged over each patch, plu
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import os
 import platform
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_io import append_rows  # noqa: E402  (bench/ is on sys.path when a bench script runs)
 from dinoreg_core.data.phantom import PhantomConfig, generate_cohort  # noqa: E402
 from dinoreg_core.features.extract import ExtractConfig, extract_features  # noqa: E402
 from dinoreg_core.features.mind import mind_ssc  # noqa: E402
@@ -183,13 +183,7 @@ def main(argv=None) -> int:
                          "feature_dim": tx.shape[1], "seconds": round(time.time() - t0, 1)})
             print(f"{method:28s} {setting:7s} balanced acc {bacc:.3f} (chance {1 / len(common):.3f}, "
                   f"{len(common)} classes)", flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists()
-    with args.out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(args.out, COLUMNS, rows)
     print(f"wrote {len(rows)} rows to {args.out}")
     tmp.cleanup()
     return 0
