@@ -338,12 +338,13 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
             raise ValueError(f"the partner scan {tuple(other.shape)} is not on the grid of the volume {tuple(x.shape)}")
         x = torch.cat([x, other])                                        # (2,D,H,W): scan, partner
 
-    def pick(crop: torch.Tensor, teacher_channel: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(teacher, student) channels of a 1- or 2-channel crop."""
+    def pick(crop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(teacher, student) channels of a 1- or 2-channel crop (scan, partner)."""
         if crop.shape[0] == 1:
             return crop, crop
-        swap = _coin(g, cfg.partner_prob)
-        return crop[teacher_channel:teacher_channel + 1], crop[(1 - teacher_channel if swap else teacher_channel):][:1]
+        t = int(_coin(g, 0.5))                                           # the teacher's modality
+        s = 1 - t if _coin(g, cfg.partner_prob) else t                   # the student's
+        return crop[t:t + 1], crop[s:s + 1]
 
     shape, offset = region_box(tuple(x.shape[1:]), cfg.region_size, g)
     tg, sg, sf, boxes, loc = [], [], [], [], []
@@ -354,7 +355,7 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
             start, size = random_crop_box(shape, cfg.global_scale, cfg.max_aspect, g)
         start = tuple(s + o for s, o in zip(start, offset))
         crop = resample_box(x, start, size, cfg.global_size)
-        crop, student_crop = pick(crop, int(_coin(g, 0.5)) if x.shape[0] == 2 else 0)
+        crop, student_crop = pick(crop)
         flips = random_flips(g, cfg.flip_prob)
         tg.append(crop)
         sg.append(flip_volume(intensity_augment(student_crop, cfg, g), flips))
@@ -367,8 +368,9 @@ def make_views(volume: torch.Tensor, cfg: AugmentConfig, g: torch.Generator,
             start, size = random_crop_box(shape, cfg.local_scale, cfg.max_aspect, g)
         start = tuple(s + o for s, o in zip(start, offset))
         crop = resample_box(x, start, size, cfg.local_size)
-        if x.shape[0] == 2:
-            crop = crop[int(_coin(g, 0.5)):][:1]
+        if x.shape[0] == 2:                                              # either modality
+            c = int(_coin(g, 0.5))
+            crop = crop[c:c + 1]
         loc.append(flip_volume(intensity_augment(crop, cfg, g), random_flips(g, cfg.flip_prob)))
     empty = torch.zeros(0, 1, cfg.local_size, cfg.local_size, cfg.local_size)
     return {"teacher_global": torch.stack(tg), "student_global": torch.stack(sg),

@@ -57,6 +57,7 @@ class VolumeSource:
             self.corpus_cfg = CorpusConfig(spacing_mm=float(spacing_mm), progress=False)
             self.items, _, _ = discover_sources(self.path, self.corpus_cfg)
             self.names = [str(it.path) for it in self.items]
+        self._grids: dict[int, tuple] = {}                                # volume -> (shape, affine), once loaded
         if not self.names:
             raise DinoregError(f"The pretraining data {self.path} holds no usable volume (no NIfTI scan, corpus "
                                f"entry or dataset image was found).")
@@ -72,17 +73,21 @@ class VolumeSource:
         return self.load_with_affine(i)[0]
 
     def load_with_affine(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Volume ``i`` as (D,H,W) float32 in [0,1] and its (4,4) voxel -> world (mm) affine."""
+        """Volume ``i`` as (D,H,W) float32 in [0,1] and its (4,4) voxel -> world (mm) affine (the grid is
+        remembered, so a partner can later be resampled onto it without loading ``i`` again)."""
         if self.kind == "corpus":
             from ..data.corpus import load_corpus_volume
 
             e = self.entries[i]
-            return np.asarray(load_corpus_volume(e), dtype=np.float32), np.asarray(e.affine, dtype=np.float64)
-        from ..data.corpus import preprocess_volume
+            arr, aff = np.asarray(load_corpus_volume(e), dtype=np.float32), np.asarray(e.affine, dtype=np.float64)
+        else:
+            from ..data.corpus import preprocess_volume
 
-        item = self.items[i]
-        arr, info = preprocess_volume(item.path, self.corpus_cfg, item.modality)
-        return arr.astype(np.float32, copy=False), np.asarray(info["affine"], dtype=np.float64)
+            item = self.items[i]
+            arr, info = preprocess_volume(item.path, self.corpus_cfg, item.modality)
+            arr, aff = arr.astype(np.float32, copy=False), np.asarray(info["affine"], dtype=np.float64)
+        self._grids[i] = (arr.shape, aff)
+        return arr, aff
 
     def partners(self, i: int) -> list[int]:
         """The other volumes of volume ``i``'s case (same file name up to a final ``_NNNN`` modality index)."""
@@ -100,9 +105,11 @@ class VolumeSource:
         from ..io import Volume
         from ..preprocess import resample_to
 
-        ai, fi = self.load_with_affine(i)
+        if i not in self._grids:
+            self.load_with_affine(i)
+        shape_i, aff_i = self._grids[i]
         aj, fj = self.load_with_affine(j)
-        return resample_to(Volume(aj, fj), Volume(ai, fi), cval=0.0)
+        return resample_to(Volume(aj, fj), Volume(np.empty(shape_i, np.float32), aff_i), cval=0.0)
 
     def describe(self) -> dict:
         """Provenance of the data: path, kind and number of volumes."""
@@ -185,8 +192,9 @@ class PretrainViews(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         v = self.volume_index(int(i))
         g = torch.Generator().manual_seed(sample_seed(self.seed, int(i)))
+        volume = self.volume(v)                                          # first: records v's grid for the partner
         partner = self.partner(v, g) if self.augment.partner_prob > 0 else None
-        views = make_views(self.volume(v), self.augment, g, partner=partner)
+        views = make_views(volume, self.augment, g, partner=partner)
         grid = (self.augment.global_size // self.patch_size,) * 3
         m = self.masks
         views["masks"] = torch.stack([
