@@ -159,9 +159,17 @@ def load_labels(path: str | os.PathLike, *, what: str = "label") -> Volume:
     return Volume(arr, aff, img.affine.copy(), tuple(data.shape), str(p))
 
 
-def check_same_grid(image: Volume, labels: Volume, *, atol_mm: float = 1e-3) -> None:
+SAME_GRID_ATOL = 1e-3  # affine entries closer than this (mm) count as the same grid
+
+
+def same_grid(a: Volume, b: Volume, *, atol_mm: float = SAME_GRID_ATOL) -> bool:
+    """True when ``a`` and ``b`` share shape and voxel -> world affine (the one same-grid test of the project)."""
+    return tuple(a.shape) == tuple(b.shape) and bool(np.allclose(a.affine, b.affine, atol=atol_mm))
+
+
+def check_same_grid(image: Volume, labels: Volume, *, atol_mm: float = SAME_GRID_ATOL) -> None:
     """Raise :class:`DinoregError` unless ``labels`` lie on the grid of ``image`` (shape and affine)."""
-    if image.shape != labels.shape or not np.allclose(image.affine, labels.affine, atol=atol_mm):
+    if not same_grid(image, labels, atol_mm=atol_mm):
         raise DinoregError(
             f"The label file {labels.path} (shape {labels.shape}) is not on the grid of its image {image.path} "
             f"(shape {image.shape}); labels must share the image's shape and affine.")

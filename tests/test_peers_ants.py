@@ -70,7 +70,7 @@ def test_ants_registration_recovers_a_translation(ants_peer):
     shift[0, 0], shift[0, 1], shift[0, 2] = 2.0, -1.5, 1.0
     mov = warp(img, -shift)  # mov(y) = img(y - s): registering needs u = +s
     aff = np.diag([2.0, 2.5, 3.0, 1.0])
-    out = ants_peer.register(io.Volume(img[0, 0].numpy(), aff), io.Volume(mov[0, 0].numpy(), aff),
+    out = ants_peer.run(io.Volume(img[0, 0].numpy(), aff), io.Volume(mov[0, 0].numpy(), aff),
                              fixed_modality="ct", moving_modality="ct", options={"reg_iterations": (20, 10)})
     assert out.displacement.shape == (1, 3, *shape)
     centre = out.displacement[0, :, 12:-12, 12:-12, 10:-10].mean(dim=(1, 2, 3))

@@ -30,7 +30,7 @@ def test_official_field_matches_ours_and_recovers_the_warp(shape):
     aff = np.diag([1.5, 1.5, 2.0, 1.0])
     method = get_registration_method("convexadam_official")
     assert method.check({}) is None
-    out = method.register(io.Volume(img[0, 0].numpy(), aff), io.Volume(mov[0, 0].numpy(), aff),
+    out = method.run(io.Volume(img[0, 0].numpy(), aff), io.Volume(mov[0, 0].numpy(), aff),
                           fixed_modality="mr", moving_modality="mr")
     from dinoreg_core.preprocess import normalize_intensity
 

@@ -36,7 +36,7 @@ def test_mind_through_the_registry_registers_a_known_warp():
     mov = W.warp(img, v)
     truth = W.invert(v)
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
-    out = get_registration_method("mind").register(io.Volume(img[0, 0].numpy(), aff), io.Volume(mov[0, 0].numpy(), aff),
+    out = get_registration_method("mind").run(io.Volume(img[0, 0].numpy(), aff), io.Volume(mov[0, 0].numpy(), aff),
                                                    fixed_modality="ct", moving_modality="ct",
                                                    options={"grid_sp": 4, "iterations": 40})
     assert out.displacement.shape == (1, 3, *shape)
@@ -50,7 +50,7 @@ def test_methods_refuse_scans_on_different_grids():
     b = io.Volume(np.zeros((8, 8, 9), np.float32), np.eye(4))
     for name in ("mind", "convexadam_official", "ants", "unigradicon"):
         with pytest.raises(DinoregError, match="resampled onto the fixed grid") as e:
-            get_registration_method(name).register(a, b, fixed_modality="ct", moving_modality="ct")
+            get_registration_method(name).run(a, b, fixed_modality="ct", moving_modality="ct")
         _one_sentence(str(e.value))
 
 
@@ -65,7 +65,7 @@ def test_ants_missing_gives_one_sentence(monkeypatch, tmp_path):
     _one_sentence(reason)
     vol = io.Volume(np.zeros((8, 8, 8), np.float32), np.eye(4))
     with pytest.raises(DinoregError, match="needs antspyx"):
-        ants.register(vol, vol, fixed_modality="ct", moving_modality="ct")
+        ants.run(vol, vol, fixed_modality="ct", moving_modality="ct")
     with pytest.raises(DinoregError, match="Unknown ants option"):
         ants.AntsConfig.from_options({"iterations": 3})
 
@@ -82,7 +82,7 @@ def test_convexadam_official_missing_gives_one_sentence(monkeypatch):
     _one_sentence(reason)
     vol = io.Volume(np.zeros((8, 8, 8), np.float32), np.eye(4))
     with pytest.raises(DinoregError, match="official ConvexAdam package"):
-        peer.register(vol, vol, fixed_modality="ct", moving_modality="ct")
+        peer.run(vol, vol, fixed_modality="ct", moving_modality="ct")
 
 
 def test_unigradicon_missing_weights_or_package_gives_one_sentence(monkeypatch, tmp_path):
@@ -95,7 +95,7 @@ def test_unigradicon_missing_weights_or_package_gives_one_sentence(monkeypatch, 
     _one_sentence(reason)
     vol = io.Volume(np.zeros((8, 8, 8), np.float32), np.eye(4))
     with pytest.raises(DinoregError, match="weights file"):
-        peer.register(vol, vol, fixed_modality="ct", moving_modality="ct", options={"weights": str(missing)})
+        peer.run(vol, vol, fixed_modality="ct", moving_modality="ct", options={"weights": str(missing)})
     # weights present, package absent (the test Python has no unigradicon)
     w = tmp_path / "Step_2_final.trch"
     w.write_bytes(b"not really weights")

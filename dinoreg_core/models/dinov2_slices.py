@@ -62,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import settings
 from ..errors import DinoregError
-from ..features.registry import FeatureMethod, register_feature_method
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,7 +86,7 @@ DEFAULT_ARCH = "vitl14_reg4"  # the DINO-Reg baseline: ViT-L/14 with 4 registers
 
 @dataclass
 class Dinov2SliceConfig:
-    """Options of the ``dinov2`` method (keys of the ``options`` dict; unknown keys are ignored)."""
+    """Options of the ``dinov2`` method (keys of the ``options`` dict; unknown keys are errors)."""
 
     weights: str | None = None  # HF folder, hub id (local cache) or official .pth; None: cache of `arch`, then $DINOREG_DINOV2_WEIGHTS
     arch: str | None = None  # official name (vits14 .. vitg14, optional _reg4): hub id when no weights (default
@@ -105,11 +105,9 @@ class Dinov2SliceConfig:
 
     @classmethod
     def from_options(cls, options: dict | None) -> "Dinov2SliceConfig":
-        """Build a config from an options dict, ignoring unknown keys and converting CLI strings."""
-        options = dict(options or {})
-        known = {f.name: f for f in fields(cls)}
-        kwargs = {k: v for k, v in options.items() if k in known}
-        cfg = cls(**kwargs)
+        """Build a config from an options dict (strict: unknown keys and wrong types are errors, see
+        :mod:`dinoreg_core.settings`), then check the values' ranges."""
+        cfg = settings.from_dict(cls, options, prefix="feat.")
         cfg._coerce()
         return cfg
 
@@ -504,8 +502,3 @@ def _cached_backbone(cfg: Dinov2SliceConfig) -> torch.nn.Module:
         _BACKBONE_CACHE.clear()  # keep one model in memory at most
         _BACKBONE_CACHE[key] = load_backbone(cfg)
     return _BACKBONE_CACHE[key]
-
-
-register_feature_method(FeatureMethod(
-    "dinov2", extract_dinov2_features, joint_pca=True,
-    description="2D DINOv2 (natural images) applied slice by slice, patch tokens stacked to 3D (baseline)"))

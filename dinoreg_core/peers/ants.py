@@ -33,12 +33,13 @@ Conversion. :mod:`.ants_worker` evaluates the forward transforms (SyN warp then 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import settings
 from ..errors import DinoregError
 from ..preprocess import normalize_intensity
 from . import RegistrationMethod, RegistrationOutput, check_same_grid, register_registration_method
@@ -76,11 +77,8 @@ class AntsConfig:
 
     @classmethod
     def from_options(cls, options: dict | None) -> "AntsConfig":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(options or {}) - known)
-        if bad:
-            raise DinoregError(f"Unknown ants option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}.")
-        cfg = cls(**(options or {}))
+        settings.check_keys(options, cls, what="ants")
+        cfg = settings.from_dict(cls, options, prefix="ants.")
         if cfg.preset not in PRESETS:
             raise DinoregError(f"Unknown ants preset '{cfg.preset}'; use one of {', '.join(PRESETS)}.")
         if cfg.type_of_transform not in ("SyN", "SyNOnly"):
@@ -123,7 +121,7 @@ def check(options: dict | None = None) -> str | None:
     return None
 
 
-def register(fixed, moving, *, fixed_modality: str, moving_modality: str, device=torch.device("cpu"),
+def run(fixed, moving, *, fixed_modality: str, moving_modality: str, device=torch.device("cpu"),
              options: dict | None = None) -> RegistrationOutput:
     """ANTs affine + SyN of ``moving`` to ``fixed`` (one grid) -> (1,3,D,H,W) fixed-voxel displacement."""
     check_same_grid(fixed, moving, "ants")
@@ -160,4 +158,5 @@ def transforms_to_displacement(fixed, transforms: list, *, moving=None) -> tuple
 
 
 register_registration_method(RegistrationMethod(
-    "ants", register, check, "peer", "ANTs affine + SyN (antspyx), CC for CT-CT / MI for MR-CT"))
+    "ants", run, check, "peer", "ANTs affine + SyN (antspyx), CC for CT-CT / MI for MR-CT",
+    options=AntsConfig))

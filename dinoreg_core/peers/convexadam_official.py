@@ -23,11 +23,12 @@ import importlib.util
 import io as _io
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from .. import settings
 from ..errors import DinoregError
 from ..preprocess import normalize_intensity
 from . import RegistrationMethod, RegistrationOutput, check_same_grid, register_registration_method
@@ -50,11 +51,8 @@ class OfficialConvexAdamConfig:
 
     @classmethod
     def from_options(cls, options: dict | None) -> "OfficialConvexAdamConfig":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(options or {}) - known)
-        if bad:
-            raise DinoregError(f"Unknown convexadam_official option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}.")
-        return cls(**(options or {}))
+        settings.check_keys(options, cls, what="convexadam_official")
+        return settings.from_dict(cls, options, prefix="convexadam_official.")
 
 
 def _missing() -> str | None:
@@ -95,7 +93,7 @@ def official_field(fixed: np.ndarray, moving: np.ndarray, cfg: OfficialConvexAda
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(d, -1, 0), dtype=np.float32))[None]
 
 
-def register(fixed, moving, *, fixed_modality: str, moving_modality: str, device=torch.device("cpu"),
+def run(fixed, moving, *, fixed_modality: str, moving_modality: str, device=torch.device("cpu"),
              options: dict | None = None) -> RegistrationOutput:
     """Official ConvexAdam + MIND of ``moving`` to ``fixed`` (one grid) -> (1,3,D,H,W) fixed-voxel displacement."""
     check_same_grid(fixed, moving, "convexadam_official")
@@ -115,4 +113,5 @@ def register(fixed, moving, *, fixed_modality: str, moving_modality: str, device
 
 
 register_registration_method(RegistrationMethod(
-    "convexadam_official", register, check, "peer", "official ConvexAdam package (convexadam 0.2.0) with MIND-SSC"))
+    "convexadam_official", run, check, "peer", "official ConvexAdam package (convexadam 0.2.0) with MIND-SSC",
+    options=OfficialConvexAdamConfig))

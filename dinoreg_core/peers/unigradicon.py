@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .. import settings
 from ..errors import DinoregError
 from . import RegistrationMethod, RegistrationOutput, check_same_grid, register_registration_method
 from ._worker import find_python, run_worker
@@ -56,11 +57,8 @@ class UniGradICONConfig:
 
     @classmethod
     def from_options(cls, options: dict | None) -> "UniGradICONConfig":
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(options or {}) - known)
-        if bad:
-            raise DinoregError(f"Unknown unigradicon option(s) {', '.join(bad)}; known: {', '.join(sorted(known))}.")
-        return cls(**(options or {}))
+        settings.check_keys(options, cls, what="unigradicon")
+        return settings.from_dict(cls, options, prefix="unigradicon.")
 
 
 def weights_path(cfg: UniGradICONConfig) -> Path:
@@ -97,7 +95,7 @@ def check(options: dict | None = None) -> str | None:
     return None
 
 
-def register(fixed, moving, *, fixed_modality: str, moving_modality: str, device=torch.device("cpu"),
+def run(fixed, moving, *, fixed_modality: str, moving_modality: str, device=torch.device("cpu"),
              options: dict | None = None) -> RegistrationOutput:
     """uniGradICON of ``moving`` to ``fixed`` (one grid, raw intensities) -> (1,3,D,H,W) fixed-voxel displacement."""
     check_same_grid(fixed, moving, "unigradicon")
@@ -121,4 +119,5 @@ def register(fixed, moving, *, fixed_modality: str, moving_modality: str, device
 
 
 register_registration_method(RegistrationMethod(
-    "unigradicon", register, check, "peer", "uniGradICON foundation model (needs local package and weights)"))
+    "unigradicon", run, check, "peer", "uniGradICON foundation model (needs local package and weights)",
+    options=UniGradICONConfig))

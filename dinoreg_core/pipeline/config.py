@@ -1,0 +1,76 @@
+"""The settings of one registration: :class:`RegisterConfig` (the CLI's ``--set`` names) and their key aliases.
+
+A key is a field of :class:`RegisterConfig`, a field of :class:`~dinoreg_core.registration.convex_adam.ConvexAdamConfig`
+by its own name (``grid_sp``; also ``convex.grid_sp``) or a feature option as ``feat.NAME`` (also
+``feature_options.NAME``). Values are converted by :mod:`dinoreg_core.settings` (strict types, unknown keys refused).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .. import settings
+from ..registration.convex_adam import ConvexAdamConfig
+
+FEATURE_PREFIX = "feat."  # short form of "feature_options." on the command line
+
+
+def canonical_key(key: str, top_fields) -> str:
+    """``feat.X`` -> ``feature_options.X``; a bare ConvexAdam field name -> ``convex.NAME``; others unchanged."""
+    key = key.strip()
+    if key.startswith(FEATURE_PREFIX):
+        return "feature_options." + key[len(FEATURE_PREFIX):]
+    head = key.partition(".")[0]
+    if head not in top_fields and head in {f.name for f in fields(ConvexAdamConfig)}:
+        return "convex." + key
+    return key
+
+
+@dataclass
+class RegisterConfig:
+    """Everything :func:`dinoreg_core.api.register` needs besides the images (the CLI's ``--set key=value`` names)."""
+
+    features: str = "mind"  # registration method name (see dinoreg_core.pipeline.methods)
+    init: str = "none"  # initial alignment: none | com | affine
+    device: str = "cpu"
+    pca_dim: int = 12  # channels after joint PCA (methods with joint_pca)
+    fixed_modality: str | None = None  # "ct" | "mr" | None (guess from intensities)
+    moving_modality: str | None = None
+    seed: int = 0
+    convex: ConvexAdamConfig = field(default_factory=ConvexAdamConfig)
+    feature_options: dict = field(default_factory=dict)  # e.g. {"mind_r": 1, "mind_d": 2} or {"weights": path}
+
+    def set(self, key: str, value) -> None:
+        """Apply one ``key=value`` override (ConvexAdam fields by their own names, feature options as ``feat.X``)."""
+        settings.set_value(self, canonical_key(key, _TOP), value)
+
+    def update(self, overrides) -> "RegisterConfig":
+        """Apply a mapping or (key, value) pairs of overrides (see :meth:`set`); returns self."""
+        items = overrides.items() if hasattr(overrides, "items") else overrides
+        for k, v in items or []:
+            if isinstance(v, dict) and k in ("feature_options", "feat"):
+                for kk, vv in v.items():
+                    self.set(f"feature_options.{kk}", vv)
+            elif isinstance(v, dict) and k == "convex":
+                settings.apply(self.convex, v, prefix="convex.")
+            else:
+                self.set(str(k), v)
+        return self
+
+    def method_options(self) -> dict:
+        """The options of the registration method :attr:`features` (feature methods: pca_dim, seed, convex,
+        feature_options; see :class:`~dinoreg_core.pipeline.feature_path.FeaturePathOptions`)."""
+        return {"pca_dim": self.pca_dim, "seed": self.seed, "convex": settings.to_dict(self.convex),
+                "feature_options": dict(self.feature_options)}
+
+
+_TOP = {f.name for f in fields(RegisterConfig)}
+
+
+def config_from(features: str, overrides=None, **fixed) -> RegisterConfig:
+    """A :class:`RegisterConfig` for method ``features`` with ``fixed`` fields set and ``overrides`` applied
+    (a mapping or (key, value) pairs of ``--set`` names), validated."""
+    cfg = RegisterConfig(features=features, **fixed)
+    cfg.update(overrides or {})
+    cfg.convex.validate()
+    return cfg

@@ -1,0 +1,62 @@
+"""Stage 4, :func:`write`: the one place that writes a registration's files.
+
+Into ``out`` (each file atomically): ``disp.nii.gz`` (the displacement in the fixed file's voxel axes, (D,H,W,3),
+fixed voxels, backward), ``warped.nii.gz``, ``moving_on_fixed_grid.nii.gz`` (when the moving scan was resampled),
+``warped_labels.nii.gz`` (with moving labels), the Learn2Reg file ``disp_FFFF_MMMM.nii.gz`` (when both file names
+follow the Learn2Reg pattern), ``metrics.json`` (paths, initial transform, metrics, timings) and ``config.json``
+(the resolved settings). New output files belong here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .. import io
+from ..atomic import write_json_atomic
+from ..errors import DinoregError
+from .align import AlignedPair
+from .evaluate import Metrics
+from .methods import Displacement
+
+
+def prepare_out_dir(out: str | os.PathLike) -> Path:
+    """Create ``out`` (with parents) and check it is writable, before any work is done; returns it as a Path."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DinoregError(f"The output folder {out} cannot be created ({e.strerror or e}).") from None
+    if not os.access(out, os.W_OK):
+        raise DinoregError(f"The output folder {out} is not writable.")
+    return out
+
+
+def write(out: str | os.PathLike, pair: AlignedPair, disp: Displacement, metrics: Metrics, *,
+          config: dict | None = None, timings: dict | None = None) -> dict[str, str]:
+    """Write the files of one registration into ``out`` (see the module docstring); returns {kind: path}."""
+    out = prepare_out_dir(out)
+    f, moving = pair.fixed, pair.moving
+    field = disp.numpy()
+    files = {
+        "displacement": io.save_displacement(field, f, out / "disp.nii.gz"),
+        "warped": io.save_image(metrics.warped, f, out / "warped.nii.gz"),
+    }
+    if not np.allclose(pair.world_transform, np.eye(4)) or moving.shape != f.shape:
+        files["moving_on_fixed"] = io.save_image(pair.moving_on_fixed, f, out / "moving_on_fixed_grid.nii.gz")
+    if metrics.warped_labels is not None:
+        files["warped_labels"] = io.save_labels(metrics.warped_labels, f, out / "warped_labels.nii.gz")
+    try:
+        name = io.l2r_displacement_name(f.path or "", moving.path or "")
+        files["l2r_displacement"] = io.save_displacement(field, f, out / name)
+    except DinoregError:
+        pass
+    payload = {"fixed": f.path, "moving": moving.path, "init_transform_fixed_world_to_moving_world":
+               pair.world_transform.tolist(), "metrics": metrics.to_dict(), "timings": dict(timings or {})}
+    write_json_atomic(out / "metrics.json", payload)
+    write_json_atomic(out / "config.json", dict(config or {}))
+    files["metrics"] = out / "metrics.json"
+    files["config"] = out / "config.json"
+    return {k: str(v) for k, v in files.items()}
