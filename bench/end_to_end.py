@@ -74,50 +74,28 @@ COLUMNS = ["set", "pair", "method", "status", "dice_initial", "dice", "hd95_mm",
 
 # ------------------------------------------------------------------------------------------- pairs
 
-def _label_map_lut(label_map: dict, max_id: int) -> np.ndarray:
-    lut = np.zeros(max(max_id, max(label_map)) + 1, dtype=np.int32)
-    for k, v in label_map.items():
-        lut[int(k)] = int(v)
-    return lut
-
-
 def prepare_pair(out: Path, *, set_name: str, name: str, fixed, moving, fixed_labels, moving_labels,
                  fixed_modality: str | None = None, moving_modality: str | None = None, init: str = "none",
                  label_map: dict | None = None) -> Path:
-    """Load a pair, align it (``init``), resample the moving scan and labels onto the fixed grid and save an npz.
+    """Align a pair once with the pipeline's first stage (:func:`dinoreg_core.pipeline.align`, the same as
+    ``dinoreg register``) and save the :class:`AlignedPair` to an npz that every method's worker starts from."""
+    from dinoreg_core.pipeline import align, save_pair
 
-    The npz holds raw intensities (fixed, moving on the fixed grid), both label maps on the fixed grid, the fixed
-    affine, the registered box [lo, hi) and the modalities; every method of the benchmark starts from it.
-    """
-    from dinoreg_core import io as dio
-    from dinoreg_core.api import overlap_box  # the same box `dinoreg register` uses
-    from dinoreg_core.preprocess import guess_modality, resample_to
-    from dinoreg_core.registration.initial import initial_alignment
+    pair = align(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, init=init,
+                 fixed_modality=fixed_modality, moving_modality=moving_modality, label_map=label_map)
+    pair.timings.update(set=set_name, pair=name, init=init)
+    return save_pair(pair, out / f"{set_name}_{name}.npz")
 
-    fv, mv = dio.load_volume(fixed, what="fixed image"), dio.load_volume(moving, what="moving image")
-    fl, ml = dio.load_labels(fixed_labels, what="fixed label"), dio.load_labels(moving_labels, what="moving label")
-    fmod = fixed_modality or guess_modality(fv.array)
-    mmod = moving_modality or guess_modality(mv.array)
-    t = time.perf_counter()
-    T = initial_alignment(fv, mv, init, fixed_modality=fmod, moving_modality=mmod)
-    t_init = time.perf_counter() - t
-    same = init == "none" and fv.shape == mv.shape and np.allclose(fv.affine, mv.affine, atol=1e-3)
-    mov = mv.array if same else resample_to(mv, fv, world_transform=T)
-    mlab = ml.array if same else resample_to(ml, fv, labels=True, world_transform=T)
-    if label_map:
-        mlab = _label_map_lut(label_map, int(mlab.max()))[mlab]
-    lo, hi = overlap_box(mv, fv, T, same)
-    path = out / f"{set_name}_{name}.npz"
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, fixed=fv.array.astype(np.float32), moving=np.asarray(mov, np.float32),
-                        fixed_labels=fl.array.astype(np.int32), moving_labels=np.asarray(mlab, np.int32),
-                        affine=fv.affine, box=np.array([lo, hi]), spacing=np.array(fv.spacing),
-                        meta=np.array(json.dumps({"set": set_name, "pair": name, "fixed": str(fixed),
-                                                  "moving": str(moving), "fixed_modality": fmod,
-                                                  "moving_modality": mmod, "init": init, "init_s": t_init,
-                                                  "init_transform": T.tolist()})))
-    os.replace(tmp, path)
-    return path
+
+def pair_meta(path: Path) -> dict:
+    """What the tables say about a prepared pair (its files, modalities, initial alignment and its time)."""
+    from dinoreg_core.pipeline import load_pair
+
+    p = load_pair(path)
+    t = p.timings
+    return {"set": t.get("set"), "pair": t.get("pair"), "fixed": p.fixed.path, "moving": p.moving.path,
+            "fixed_modality": p.fixed_modality, "moving_modality": p.moving_modality, "init": t.get("init"),
+            "init_s": t.get("init_s"), "init_transform": np.asarray(p.world_transform).tolist()}
 
 
 def cohort_pairs(dataset, set_name: str, n: int) -> list[dict]:
@@ -128,7 +106,7 @@ def cohort_pairs(dataset, set_name: str, n: int) -> list[dict]:
 
 
 def real_pair(shared: Path) -> dict | None:
-    from dinoreg_core.labels import load_mr_to_ct_map
+    from dinoreg_core.labels import load_label_id_map
 
     r = shared / "real"
     if not (r / "mr_upper_abdomen.nii.gz").exists():
@@ -136,7 +114,7 @@ def real_pair(shared: Path) -> dict | None:
     return dict(set_name="real", name="mr_to_ct", fixed=r / "ct_abdomen_pelvis.nii.gz",
                 moving=r / "mr_upper_abdomen.nii.gz", fixed_labels=r / "ct_abdomen_pelvis_labels.nii.gz",
                 moving_labels=r / "mr_upper_abdomen_labels.nii.gz", fixed_modality="ct", moving_modality="mr",
-                init="affine", label_map=load_mr_to_ct_map(r / "mr_label_ids_to_ct_label_ids.json"))
+                init="affine", label_map=load_label_id_map(r / "mr_label_ids_to_ct_label_ids.json"))
 
 
 # ------------------------------------------------------------------------------------------- one run
@@ -144,56 +122,31 @@ def real_pair(shared: Path) -> dict | None:
 
 
 def run_one(pair_npz: Path, method: str, options: dict, device: str = "cpu") -> dict:
-    """Register one prepared pair with one method (``initial``: zero field) and evaluate; returns a row dict."""
-    import torch
-    import torch.nn.functional as F
-
-    from dinoreg_core.api import label_metrics
-    from dinoreg_core.evaluation.metrics import field_metrics
-    from dinoreg_core.io import Volume
+    """Register one prepared pair with one method (``initial``: zero field) and evaluate it, through the pipeline's
+    stages (:meth:`RegistrationMethod.register`, :func:`evaluate`); returns a row dict."""
     from dinoreg_core.peers._worker import own_peak_rss_mb
-    from dinoreg_core.registration.warp import warp_labels
+    from dinoreg_core.pipeline import evaluate, get_registration_method, load_pair, zero_displacement
 
-    with np.load(pair_npz) as z:
-        d = {k: z[k] for k in z.files}
-    meta = json.loads(str(d["meta"]))
-    (lo, hi) = [tuple(int(x) for x in b) for b in d["box"]]
-    crop = tuple(slice(a, b) for a, b in zip(lo, hi))
-    aff = d["affine"].copy()
-    aff[:3, 3] = aff[:3, :3] @ np.array(lo, dtype=float) + aff[:3, 3]
-    fixed, moving = Volume(d["fixed"][crop], aff), Volume(d["moving"][crop], aff.copy())
-    settings, timings = {}, {}
+    pair = load_pair(pair_npz)
     t = time.perf_counter()
     if method == "initial":
-        disp = torch.zeros((1, 3, *fixed.shape))
+        disp = zero_displacement(pair)
     else:
-        from dinoreg_core.peers import get_registration_method
-
-        out = get_registration_method(method).register(
-            fixed, moving, fixed_modality=meta["fixed_modality"], moving_modality=meta["moving_modality"],
-            device=torch.device(device), options=options)
-        disp, settings, timings = out.displacement, out.settings, out.timings
+        disp = get_registration_method(method).register(pair, options, device=device)
     seconds = time.perf_counter() - t
     # peak memory up to the end of the registration call (evaluation below excluded): this process's own
     # high-water mark plus that of the peer's worker subprocess, if any (an upper bound on their sum at any time)
-    peak = own_peak_rss_mb() + float((timings or {}).get("worker_peak_rss_mb") or 0.0)
-    fm = field_metrics(disp)
-    full = d["fixed"].shape
-    if (lo, hi) != ((0, 0, 0), tuple(full)):
-        pads = []
-        for a in (2, 1, 0):
-            pads += [lo[a], full[a] - hi[a]]
-        disp = F.pad(disp, pads, mode="replicate")
-    with torch.no_grad():
-        wl = warp_labels(torch.from_numpy(d["moving_labels"])[None, None], disp)[0, 0].numpy()
-    rows = label_metrics(d["fixed_labels"], d["moving_labels"], wl, tuple(d["spacing"]))
-    mean = lambda k: float(np.nanmean([r[k] for r in rows])) if rows else float("nan")  # noqa: E731
-    return {"set": meta["set"], "pair": meta["pair"], "method": method, "status": "ok",
-            "dice_initial": mean("dice_initial"), "dice": mean("dice"), "hd95_mm": mean("hd95_mm"),
-            "hd95_vox": mean("hd95_vox"), "sdlogj": fm["sdlogj"], "sdlogj_l2r": fm["sdlogj_l2r"],
-            "folding_pct": fm["folding_pct"], "time_s": seconds, "peak_rss_mb": peak, "n_labels": len(rows),
-            "shape": "x".join(map(str, full)), "box": f"{list(lo)}-{list(hi)}", "settings": settings,
-            "timings": timings, "labels": rows}
+    peak = own_peak_rss_mb() + float((disp.timings or {}).get("worker_peak_rss_mb") or 0.0)
+    m = evaluate(pair, disp)
+    rows, s = m.labels or [], m.summary or {}
+    lo, hi = pair.box
+    return {"set": pair.timings["set"], "pair": pair.timings["pair"], "method": method, "status": "ok",
+            "dice_initial": s.get("dice_initial", float("nan")), "dice": s.get("dice", float("nan")),
+            "hd95_mm": s.get("hd95_mm", float("nan")), "hd95_vox": s.get("hd95_vox", float("nan")),
+            "sdlogj": m.field["sdlogj"], "sdlogj_l2r": m.field["sdlogj_l2r"], "folding_pct": m.field["folding_pct"],
+            "time_s": seconds, "peak_rss_mb": peak, "n_labels": len(rows),
+            "shape": "x".join(map(str, pair.fixed.shape)), "box": f"{list(lo)}-{list(hi)}", "settings": disp.settings,
+            "timings": disp.timings, "labels": rows}
 
 
 def _child(argv) -> None:
@@ -525,7 +478,7 @@ def main(argv=None) -> int:
                               f"{mi['load_avg']}",
               "command": "python bench/end_to_end.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "commit": _git_commit(), "methods": methods, "skipped": skipped, "notes": notes,
-              "pairs": [json.loads(str(np.load(p)["meta"])) for p in prepared]}
+              "pairs": [pair_meta(p) for p in prepared]}
     write_outputs(rows, Path(args.out), header)
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
     return 0

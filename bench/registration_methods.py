@@ -61,7 +61,7 @@ def main() -> None:
     from dinoreg_core.atomic import atomic_path
     from dinoreg_core.evaluation.runner import PairSpec, evaluate, pairs_from_l2r, summarise
     from dinoreg_core.io import read_l2r_dataset
-    from dinoreg_core.labels import L2R_ABDOMEN_CT, TOTALSEG_MAIN_ABDOMEN, load_mr_to_ct_map
+    from dinoreg_core.labels import L2R_ABDOMEN_CT, TOTALSEG_MAIN_ABDOMEN, load_label_id_map
 
     methods = a.methods.split(",")
     settings = {m: {} for m in methods}
@@ -79,7 +79,7 @@ def main() -> None:
     if (real / "mr_upper_abdomen.nii.gz").exists():
         pair = PairSpec("real_mr_ct", real / "ct_abdomen_pelvis.nii.gz", real / "mr_upper_abdomen.nii.gz",
                         real / "ct_abdomen_pelvis_labels.nii.gz", real / "mr_upper_abdomen_labels.nii.gz",
-                        label_map=load_mr_to_ct_map(real / "mr_label_ids_to_ct_label_ids.json"), init="affine",
+                        label_map=load_label_id_map(real / "mr_label_ids_to_ct_label_ids.json"), init="affine",
                         fixed_modality="ct", moving_modality="mr")
         df_real = evaluate([pair], [m for m in methods if m != "intensity"], dataset="real MR-CT (silver labels)",
                            label_names=TOTALSEG_MAIN_ABDOMEN, method_settings=settings)

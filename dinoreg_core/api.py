@@ -17,19 +17,21 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import io
 from .errors import DinoregError
-from .pipeline import (AlignedPair, Displacement, Metrics, RegisterConfig, align, evaluate,
+from .pipeline import (AlignedPair, Displacement, Metrics, RegisterConfig, align, config_from, evaluate,
                        get_registration_method, prepare_out_dir, write)
 from .pipeline.evaluate import label_metrics  # noqa: F401 - re-exported (older callers)
 from .pipeline.feature_path import compute_features  # noqa: F401 - re-exported (older callers)
 from .progress import stage
 
-__all__ = ["RegisterConfig", "RegistrationResult", "register", "compute_features", "label_metrics"]
+__all__ = ["RegisterConfig", "RegistrationResult", "register", "register_aligned", "register_methods", "method_config",
+           "compute_features", "label_metrics"]
 
 
 @dataclass
@@ -93,6 +95,34 @@ def result_of(pair: AlignedPair, disp: Displacement, metrics: Metrics, *, timing
                               metrics.to_dict(), timings, config, dict(outputs or {}))
 
 
+def register_aligned(pair: AlignedPair, cfg: RegisterConfig, *, out_dir: str | os.PathLike | None = None) -> RegistrationResult:
+    """Stages 2-4 on an aligned pair: register with method ``cfg.features``, evaluate, write (when ``out_dir``).
+
+    Feature methods get :meth:`RegisterConfig.method_options`; peers get ``cfg.feature_options`` as their options.
+    ``cfg.init`` and the modalities are those the pair was aligned with (they are recorded, not applied here).
+    """
+    t0 = time.perf_counter()
+    method = get_registration_method(cfg.features)
+    device = torch_device(cfg.device)
+    out = prepare_out_dir(out_dir) if out_dir is not None else None
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    with stage(f"register ({cfg.features})"):
+        t = time.perf_counter()
+        options = cfg.method_options() if method.kind == "features" else dict(cfg.feature_options)
+        disp = method.register(pair, options, device=device)
+        disp.timings["register_s"] = time.perf_counter() - t
+    with stage("evaluate"):
+        metrics = evaluate(pair, disp)
+    timings = run_timings(pair, disp, t0 - pair.timings["load_s"] - pair.timings["init_s"], device)
+    config_dict = resolved_config(cfg, pair)
+    outputs = None
+    if out is not None:
+        with stage("write"):
+            outputs = write(out, pair, disp, metrics, config=config_dict, timings=timings)
+    return result_of(pair, disp, metrics, timings=timings, config=config_dict, outputs=outputs)
+
+
 def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: RegisterConfig | None = None,
              out_dir: str | os.PathLike | None = None, label_map: dict | None = None,
              label_names: dict | None = None, **overrides) -> RegistrationResult:
@@ -113,28 +143,47 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
     cfg = config or RegisterConfig()
     cfg.update(overrides)
     cfg.convex.validate()
-    method = get_registration_method(cfg.features)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    device = torch_device(cfg.device)
-    out = prepare_out_dir(out_dir) if out_dir is not None else None
-
-    t0 = time.perf_counter()
+    get_registration_method(cfg.features)
+    torch_device(cfg.device)
+    if out_dir is not None:
+        prepare_out_dir(out_dir)
     with stage("align"):
         pair = align(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, init=cfg.init,
                      fixed_modality=cfg.fixed_modality, moving_modality=cfg.moving_modality, label_map=label_map,
                      label_names=label_names)
-    with stage(f"register ({cfg.features})"):
-        t = time.perf_counter()
-        options = cfg.method_options() if method.kind == "features" else dict(cfg.feature_options)
-        disp = method.register(pair, options, device=device)
-        disp.timings["register_s"] = time.perf_counter() - t
-    with stage("evaluate"):
-        metrics = evaluate(pair, disp)
-    timings = run_timings(pair, disp, t0, device)
-    config_dict = resolved_config(cfg, pair)
-    outputs = None
-    if out is not None:
-        with stage("write"):
-            outputs = write(out, pair, disp, metrics, config=config_dict, timings=timings)
-    return result_of(pair, disp, metrics, timings=timings, config=config_dict, outputs=outputs)
+    return register_aligned(pair, cfg, out_dir=out_dir)
+
+
+def method_config(method: str, settings: dict | None = None, **fixed) -> RegisterConfig:
+    """The :class:`RegisterConfig` of registry method ``method`` with per-method ``settings`` (``--set`` names):
+    applied as settings for a feature method, kept as the options of a peer."""
+    if get_registration_method(method).kind == "features":
+        return config_from(method, settings, **fixed)
+    return RegisterConfig(features=method, feature_options=dict(settings or {}), **fixed)
+
+
+def register_methods(fixed, moving, methods, *, settings: dict | None = None, fixed_labels=None, moving_labels=None,
+                     init: str = "none", fixed_modality: str | None = None, moving_modality: str | None = None,
+                     label_map: dict | None = None, label_names: dict | None = None, device: str = "cpu",
+                     out_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, RegistrationResult]:
+    """One pair, several methods: aligned once, then each method registered and evaluated on that same pair.
+
+    ``settings``: {method: {setting: value}} (``--set`` names; a method's ``init`` setting, if any, aligns the pair
+    again with that initial alignment). ``out_dir``: files of method M go to ``out_dir/M``.
+    Returns {method: :class:`RegistrationResult`} in the order of ``methods``.
+    """
+    from tqdm.auto import tqdm
+
+    pairs: dict[tuple, AlignedPair] = {}
+    results = {}
+    for m in tqdm(list(methods), desc="methods", disable=not progress):
+        cfg = method_config(m, (settings or {}).get(m), init=init, device=device, fixed_modality=fixed_modality,
+                            moving_modality=moving_modality)
+        key = (cfg.init, cfg.fixed_modality, cfg.moving_modality)
+        if key not in pairs:
+            with stage("align"):
+                pairs[key] = align(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels,
+                                   init=cfg.init, fixed_modality=cfg.fixed_modality,
+                                   moving_modality=cfg.moving_modality, label_map=label_map, label_names=label_names)
+        results[m] = register_aligned(pairs[key], cfg, out_dir=None if out_dir is None else Path(out_dir) / m)
+    return results

@@ -4,14 +4,20 @@ Each subcommand lives in its own module under ``dinoreg_core/commands/`` exposin
 ``add_parser(subparsers)`` (which registers the subcommand and its options, setting ``func``) and the
 function it points ``func`` at. Errors meant for users (:class:`DinoregError`) are printed as one
 sentence on stderr with exit status 2; no traceback.
+
+Messages go through the ``dinoreg`` logger (:func:`setup_logging`): progress and status lines (INFO) on stdout,
+warnings on stderr; ``-q`` keeps only warnings and errors, ``-v`` adds debug detail. Results a command exists to
+print (tables, ``--json``) are printed to stdout regardless.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
+from . import __version__
 from .errors import DinoregError
 
 # One line per subcommand module.
@@ -24,10 +30,41 @@ SUBCOMMANDS = [
 ]
 
 
+class _Below(logging.Filter):
+    """Passes records below ``level`` (so INFO goes to stdout and WARNING+ to stderr, not both)."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < self.level
+
+
+def setup_logging(verbosity: int = 0) -> logging.Logger:
+    """Configure the ``dinoreg`` logger: ``verbosity`` -1 (``-q``: warnings), 0 (info), 1+ (``-v``: debug)."""
+    log = logging.getLogger("dinoreg")
+    for h in list(log.handlers):
+        log.removeHandler(h)
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(_Below(logging.WARNING))
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    for h in (out, err):
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
+    log.propagate = False
+    return log
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dinoreg",
         description="Label-free 3D registration of CT/MR scans with DINO, MIND or intensity features and ConvexAdam.")
+    parser.add_argument("--version", action="version", version=f"dinoreg {__version__}")
+    parser.add_argument("-q", "--quiet", action="count", default=0, help="only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more detail (debug messages)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in SUBCOMMANDS:
@@ -38,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    setup_logging(args.verbose - args.quiet)
     try:
         rc = args.func(args)
     except DinoregError as e:

@@ -22,8 +22,9 @@ TOTALSEG_MAIN_ABDOMEN = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "g
                          19: "duodenum", 52: "aorta", 63: "inferior_vena_cava", 64: "portal_vein_and_splenic_vein"}
 
 
-def load_mr_to_ct_map(path: str | Path) -> dict[int, int]:
-    """Read ``mr_label_ids_to_ct_label_ids.json`` (total_mr id -> {"total_id": id}) into {mr_id: ct_id}."""
+def load_label_id_map(path: str | Path) -> dict[int, int]:
+    """Read a JSON map of moving label ids to fixed label ids into {moving_id: fixed_id}: values are ids or objects
+    with a ``total_id`` (as ``mr_label_ids_to_ct_label_ids.json``: TotalSegmentator MR id -> {"total_id": CT id})."""
     raw = json.loads(Path(path).read_text())
     return {int(k): int(v["total_id"] if isinstance(v, dict) else v) for k, v in raw.items()}
 

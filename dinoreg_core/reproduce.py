@@ -42,6 +42,7 @@ import shutil
 import time
 from pathlib import Path
 
+from . import settings
 from .atomic import write_json_atomic
 from .errors import DinoregError
 
@@ -82,13 +83,6 @@ def load_profile(name_or_path: str) -> dict:
     return prof
 
 
-def _value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def notebook_parameters(path: Path) -> dict:
     """Names and default values (where literal) of the notebook's ``parameters`` cell."""
     import nbformat
@@ -114,17 +108,15 @@ def resolve(profile: dict, *, out: Path, run_id: str, sets=(), notebooks: Path =
     run_dir, figs, tabs = out / "runs" / run_id, out / "figures" / run_id, out / "tables" / run_id
     steps = [s for s in STEPS if s in profile["steps"]]
     overrides = []
-    for s in sets:
-        if "=" not in s:
-            raise DinoregError(f"The override '{s}' is not of the form KEY=VALUE (or NN.KEY=VALUE).")
-        k, v = s.split("=", 1)
+    for k, v in settings.parse_assignments(sets):
+        s = f"{k}={v}"
         step = None
         if "." in k and k.split(".", 1)[0].isdigit():
             nn, k = k.split(".", 1)
             step = next((x for x in steps if x.startswith(nn)), None)
             if step is None:
                 raise DinoregError(f"The override '{s}' names notebook {nn}, which is not a step of this profile.")
-        overrides.append((step, k, _value(v)))
+        overrides.append((step, k, settings.parse_literal(v, k)))
     resolved = {}
     for step in steps:
         nb = notebooks / f"{step}.ipynb"

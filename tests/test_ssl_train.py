@@ -81,7 +81,7 @@ def _pretrain(args: list[str], torchrun: int = 0) -> subprocess.CompletedProcess
             port = s.getsockname()[1]
         cmd += ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(torchrun),
                 "--master_addr", "127.0.0.1", "--master_port", str(port)]
-    cmd += ["-m", "dinoreg_core.ssl.train"] + args
+    cmd += ["-m", "dinoreg_core.cli", "pretrain"] + args
     res = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -203,7 +203,7 @@ def test_refuses_to_overwrite_a_run_and_rejects_bad_config(data_dir, tmp_path):
     cfg = load_config(_config_file(tmp_path), ["steps=1"])
     with pytest.raises(DinoregError, match="already holds a checkpoint"):
         train(cfg, data_dir, tmp_path / "run")
-    with pytest.raises(DinoregError, match="Unknown config key 'stepz'"):
+    with pytest.raises(DinoregError, match="Unknown setting 'stepz'"):
         load_config(None, ["stepz=3"])
     with pytest.raises(DinoregError, match="multiple of the patch size"):
         load_config(None, ["augment.global_size=30"])

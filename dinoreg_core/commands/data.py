@@ -28,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .. import settings
 from ..atomic import write_json_atomic
 from ..errors import DinoregError
 
@@ -161,18 +162,11 @@ def cmd_fetch(args) -> int:
 _OPTION_FIELDS = {"spacing": "spacing_mm"}  # CLI option -> PhantomConfig field
 
 
-def _parse_value(text: str):
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
 def phantom_config(overrides: dict):
     """A ``dinoreg_core.data.phantom.PhantomConfig`` with ``overrides`` (field name -> value) applied.
 
     ``spacing`` is accepted for ``spacing_mm``; unknown names raise a :class:`DinoregError` listing the fields.
-    JSON lists become tuples where the field's default is a tuple.
+    Values (strings from ``--set`` or JSON values) are converted to the fields' types by :mod:`dinoreg_core.settings`.
     """
     try:
         phantom = importlib.import_module("dinoreg_core.data.phantom")
@@ -180,26 +174,11 @@ def phantom_config(overrides: dict):
     except (ImportError, AttributeError) as e:
         raise DinoregError(f"The synthetic cohort generator dinoreg_core.data.phantom.PhantomConfig is not available "
                            f"({e}).") from None
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    defaults = cls()
-    for key, value in overrides.items():
-        name = _OPTION_FIELDS.get(key, key)
-        if name not in fields:
-            raise DinoregError(f"PhantomConfig has no field '{key}'; its fields are: {', '.join(fields)}.")
-        default = getattr(defaults, name, None)
-        if isinstance(value, list) and isinstance(default, tuple):
-            value = tuple(value)
-        if isinstance(default, tuple) and not isinstance(value, tuple):
-            raise DinoregError(f"The phantom setting {name}={value!r} must be a list like {list(default)!r}.")
-        if (isinstance(default, (int, float)) and not isinstance(default, bool)
-                and not (isinstance(value, (int, float)) and not isinstance(value, bool))):
-            raise DinoregError(f"The phantom setting {name}={value!r} must be a number (default {default!r}).")
-        kwargs[name] = value
-    try:
-        cfg = cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise DinoregError(f"The phantom settings {kwargs} are not valid ({e}).") from None
+    known = [f.name for f in dataclasses.fields(cls)]
+    for key in overrides:
+        if _OPTION_FIELDS.get(key, key) not in known:
+            raise DinoregError(f"PhantomConfig has no field '{key}'; its fields are: {', '.join(known)}.")
+    cfg = settings.from_dict(cls, {_OPTION_FIELDS.get(k, k): v for k, v in overrides.items()}, prefix="")
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
@@ -244,12 +223,7 @@ def generate_from_manifest(manifest, dest, *, progress: bool = True) -> Path:
 
 
 def cmd_generate_phantoms(args) -> int:
-    overrides = {}
-    for item in args.set:
-        if "=" not in item:
-            raise DinoregError(f"--set expects KEY=VALUE, got '{item}'.")
-        k, v = item.split("=", 1)
-        overrides[k.strip()] = _parse_value(v.strip())
+    overrides = dict(settings.parse_assignments(args.set))
     for key in ("n_subjects", "seed", "workers", "shape"):
         v = getattr(args, key)
         if v is not None:

@@ -1,15 +1,19 @@
 """``dinoreg demo``: the main job on embedded data — recover a known deformation of a real CT.
 
-Runs every requested feature method on the same pair and prints one comparison table. By default: ``dino3d``
-(the shipped demo weights, when present) and ``mind``.
+Aligns the pair once, then runs every requested method on it through the pipeline's stages
+(:func:`dinoreg_core.api.register_methods`) and prints one comparison table. By default: ``dino3d`` (the shipped
+demo weights, when present) and ``mind``.
 """
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
-from .common import print_label_table, print_summary
-from .register import parse_sets
+from .common import print_label_table, print_result_summary
+
+log = logging.getLogger("dinoreg")
 
 
 def default_methods() -> str:
@@ -25,40 +29,40 @@ def add_parser(sub) -> None:
                      "smooth random field, register it back with each method and print Dice per organ, the error "
                      "against the known field, folding and timings."))
     p.add_argument("--features", default=None,
-                   help="comma-separated feature methods (default: dino3d,mind when the demo weights exist, else mind)")
+                   help="comma-separated methods (default: dino3d,mind when the demo weights exist, else mind)")
     p.add_argument("--max-disp-mm", type=float, default=10.0, help="largest displacement of the known field (mm)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random field")
     p.add_argument("--out", default="results/demo", help="output folder; one sub-folder per method (default: results/demo)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (see register)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting of every method (see register)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from ..api import RegisterConfig, register
+    from ..api import register_methods
     from ..demo import known_deformation_pair
     from ..evaluation.metrics import displacement_error_mm
+    from ..settings import parse_assignments
 
     methods = [m.strip() for m in (args.features or default_methods()).split(",") if m.strip()]
+    sets = dict(parse_assignments(args.set))
     pair = known_deformation_pair(max_disp_mm=args.max_disp_mm, seed=args.seed)
-    print(f"demo pair: {pair.source} warped by a smooth random field (max {args.max_disp_mm:.1f} mm)")
+    log.info(f"demo pair: {pair.source} warped by a smooth random field (max {args.max_disp_mm:.1f} mm)")
     sp = pair.fixed.spacing
     before = displacement_error_mm(np.zeros_like(pair.true_disp), pair.true_disp, sp, pair.body_mask)
+    results = register_methods(pair.fixed, pair.moving, methods, settings={m: sets for m in methods},
+                               fixed_labels=pair.fixed_labels, moving_labels=pair.moving_labels,
+                               fixed_modality="ct", moving_modality="ct", label_names=pair.label_names,
+                               device=args.device, out_dir=args.out)
     summary = []
-    for method in methods:
-        cfg = RegisterConfig(features=method, device=args.device, fixed_modality="ct", moving_modality="ct")
-        for k, v in parse_sets(args.set):
-            cfg.set(k, v)
-        res = register(pair.fixed, pair.moving, fixed_labels=pair.fixed_labels, moving_labels=pair.moving_labels,
-                       config=cfg, out_dir=Path(args.out) / method, label_names=pair.label_names)
+    for method, res in results.items():
         after = displacement_error_mm(res.displacement, pair.true_disp, sp, pair.body_mask)
         print(f"\n== {method}")
         print_label_table(res.metrics["labels"])
         print(f"mean error against the known field (body): {before:.2f} mm -> {after:.2f} mm "
               f"({100 * (1 - after / before):.0f}% lower)")
-        print_summary(res)
+        print_result_summary(res)
         s = res.metrics["summary"]
         summary.append((method, s["dice_initial"], s["dice"], after, res.metrics["field"]["folding_pct"],
                         res.timings["total_s"]))

@@ -15,25 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import DinoregError
-
-PACKAGED = Path(__file__).resolve().parents[1] / "configs"
-
-
-def resolve_config_path(value: str | None, run_dir: Path, resume: bool) -> Path | None:
-    """The config file for ``--config VALUE`` (a path or a packaged name); on resume default RUN_DIR/config.json."""
-    if value is None:
-        saved = run_dir / "config.json"
-        return saved if resume and saved.is_file() else None
-    p = Path(value)
-    if p.is_file():
-        return p
-    packaged = PACKAGED / f"pretrain_{value}.json"
-    if "/" not in value and packaged.is_file():
-        return packaged
-    names = sorted(q.stem.replace("pretrain_", "") for q in PACKAGED.glob("pretrain_*.json"))
-    raise DinoregError(f"The config {value} is neither a file nor a packaged config name ({', '.join(names)}).")
-
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("pretrain", help="DINO/iBOT pretraining of the 3D ViT backbone",
@@ -50,7 +31,7 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..ssl import dist
-    from ..ssl.train import load_config, train
+    from ..ssl.train import load_config, resolve_config_path, train
 
     out = Path(args.out)
     cfg_path = resolve_config_path(args.config, out, args.resume)
@@ -67,19 +48,3 @@ def run(args) -> int:
     else:
         print(f"stopped at step {res['step']} of {cfg.steps}; continue with --resume")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m dinoreg_core.ssl.train ...``, handy under torchrun): same options."""
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="dinoreg pretrain", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
-    args = parser.parse_args(["pretrain"] + list(sys.argv[1:] if argv is None else argv))
-    try:
-        return run(args)
-    except DinoregError as e:
-        print(f"dinoreg: error: {e}", file=sys.stderr)
-        return 2

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from ..errors import DinoregError
-from ..features.registry import available_feature_methods
-from .common import print_label_table, print_summary
+from ..pipeline import available_registration_methods
+from .common import print_label_table, print_result_summary
 
 
 def add_parser(sub) -> None:
@@ -32,7 +33,8 @@ def add_parser(sub) -> None:
     p.add_argument("--label-map", help="JSON mapping moving label ids to fixed label ids "
                                        "({\"5\": 5} or {\"5\": {\"total_id\": 5}}); unmapped ids are ignored")
     p.add_argument("--features", default="mind",
-                   help=f"feature method: {', '.join(available_feature_methods())} (default: mind)")
+                   help=f"registration method: {', '.join(available_registration_methods())} (default: mind; peers "
+                        f"take their own options as feat.NAME=VALUE)")
     p.add_argument("--weights", help="weights file for learned features (dino3d: .safetensors; dinov2: folder, hub id or .pth)")
     p.add_argument("--init", default="none", choices=["none", "com", "affine"],
                    help="initial alignment when world coordinates are unrelated: none (trust the headers), com "
@@ -49,33 +51,26 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def parse_sets(items) -> list[tuple[str, str]]:
-    out = []
-    for s in items:
-        if "=" not in s:
-            raise DinoregError(f"The setting '{s}' is not of the form KEY=VALUE.")
-        k, v = s.split("=", 1)
-        out.append((k.strip(), v.strip()))
-    return out
-
-
 def run(args) -> int:
     from ..api import RegisterConfig, register
-    from ..labels import load_mr_to_ct_map
+    from ..labels import load_label_id_map
+    from ..settings import parse_assignments
 
     cfg = RegisterConfig(features=args.features, init=args.init, device=args.device,
                          fixed_modality=args.fixed_modality, moving_modality=args.moving_modality)
     if args.weights:
         cfg.feature_options["weights"] = args.weights
-    for k, v in parse_sets(args.set):
-        cfg.set(k, v)
+    cfg.update(parse_assignments(args.set))
+    cfg.convex.validate()
     label_map = None
     if args.label_map:
         lm = Path(args.label_map)
         try:
-            label_map = load_mr_to_ct_map(lm)
+            label_map = load_label_id_map(lm)
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
             raise DinoregError(f"The label map {lm} could not be read as a JSON id -> id mapping.") from None
+    if args.json:
+        logging.getLogger("dinoreg").setLevel(logging.WARNING)  # stdout carries the JSON only
     res = register(args.fixed, args.moving, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
                    config=cfg, out_dir=args.out, label_map=label_map)
     if args.json:
@@ -83,5 +78,5 @@ def run(args) -> int:
         return 0
     if "labels" in res.metrics:
         print_label_table(res.metrics["labels"])
-    print_summary(res)
+    print_result_summary(res)
     return 0

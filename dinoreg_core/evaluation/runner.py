@@ -2,13 +2,14 @@
 
 One row per (dataset, pair, method, label) with Dice before/after, HD95 (mm, voxels), the field metrics of the
 pair (SDlogJ, Learn2Reg SDlogJ, % folding), runtime and peak memory alongside (DESIGN.md section 2).
-Each method is a feature method of :mod:`dinoreg_core.features.registry` run through :func:`dinoreg_core.api.register`
-with its own settings (``method_settings[name]``: ``RegisterConfig`` field or ConvexAdam names -> values).
+Each method is a method of the one registry (:mod:`dinoreg_core.pipeline.methods`: feature methods and peers), run
+through the pipeline's stages by :func:`dinoreg_core.api.register_methods` (each pair aligned once, then every method
+registered and evaluated on it) with its own settings (``method_settings[name]``: ``--set`` names -> values).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -30,7 +31,6 @@ class PairSpec:
     init: str = "none"
     fixed_modality: str | None = None
     moving_modality: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def pairs_from_l2r(ds: L2RDataset, key: str = "registration_val", *, init: str = "none", limit: int | None = None,
@@ -52,36 +52,36 @@ def evaluate(pairs: list[PairSpec], methods: list[str], *, dataset: str = "datas
              method_settings: dict | None = None, device: str = "cpu", progress: bool = True) -> pd.DataFrame:
     """Register every pair with every method; returns the tidy table (also an ``initial`` row set per pair).
 
-    ``method_settings``: {method: {setting: value}} applied with :meth:`RegisterConfig.set` (e.g. ``{"dino3d":
-    {"feat.weights": "w.safetensors", "lambda_weight": 2}}``).
+    ``methods``: names of the one registry (feature methods and peers). ``method_settings``: {method: {setting:
+    value}} in ``--set`` names (e.g. ``{"dino3d": {"feat.weights": "w.safetensors", "lambda_weight": 2}}``; a peer's
+    own option names). ``runtime_s`` of a method row: loading + alignment of the pair + the method's registration
+    and evaluation.
     """
-    from ..api import RegisterConfig, register
+    from ..api import register_methods
 
     rows: list[dict] = []
-    jobs = [(p, m) for p in pairs for m in methods]
-    seen_initial: set[str] = set()
-    for pair, method in tqdm(jobs, desc=f"{dataset}: pairs x methods", disable=not progress):
-        cfg = RegisterConfig(features=method, init=pair.init, device=device, fixed_modality=pair.fixed_modality,
-                             moving_modality=pair.moving_modality)
-        settings = dict((method_settings or {}).get(method, {}))
-        for k, v in settings.items():
-            cfg.set(k, str(v))
-        res = register(pair.fixed, pair.moving, fixed_labels=pair.fixed_labels, moving_labels=pair.moving_labels,
-                       config=cfg, label_map=pair.label_map, label_names=label_names)
-        fm = res.metrics["field"]
+    for pair in tqdm(pairs, desc=f"{dataset}: pairs", disable=not progress):
+        results = register_methods(pair.fixed, pair.moving, methods, settings=method_settings,
+                                   fixed_labels=pair.fixed_labels, moving_labels=pair.moving_labels, init=pair.init,
+                                   fixed_modality=pair.fixed_modality, moving_modality=pair.moving_modality,
+                                   label_map=pair.label_map, label_names=label_names, device=device)
         base = {"dataset": dataset, "pair": pair.name}
-        for r in res.metrics.get("labels", []):
-            if pair.name not in seen_initial:
-                rows.append({**base, "method": "initial", "label": r["label"], "label_name": r["name"],
-                             "dice": r["dice_initial"], "hd95_mm": float("nan"), "hd95_vox": float("nan"),
-                             "sdlogj": 0.0, "sdlogj_l2r": 0.0, "folding_pct": 0.0, "runtime_s": 0.0,
-                             "peak_rss_mb": float("nan"), "settings": ""})
-            rows.append({**base, "method": method, "label": r["label"], "label_name": r["name"], "dice": r["dice"],
-                         "hd95_mm": r["hd95_mm"], "hd95_vox": r["hd95_vox"], "sdlogj": fm["sdlogj"],
-                         "sdlogj_l2r": fm["sdlogj_l2r"], "folding_pct": fm["folding_pct"],
-                         "runtime_s": res.timings["total_s"], "peak_rss_mb": res.timings["peak_rss_mb"],
-                         "settings": ";".join(f"{k}={v}" for k, v in settings.items())})
-        seen_initial.add(pair.name)
+        first = True
+        for method, res in results.items():
+            fm = res.metrics["field"]
+            settings = dict((method_settings or {}).get(method, {}))
+            for r in res.metrics.get("labels", []):
+                if first:
+                    rows.append({**base, "method": "initial", "label": r["label"], "label_name": r["name"],
+                                 "dice": r["dice_initial"], "hd95_mm": float("nan"), "hd95_vox": float("nan"),
+                                 "sdlogj": 0.0, "sdlogj_l2r": 0.0, "folding_pct": 0.0, "runtime_s": 0.0,
+                                 "peak_rss_mb": float("nan"), "settings": ""})
+                rows.append({**base, "method": method, "label": r["label"], "label_name": r["name"], "dice": r["dice"],
+                             "hd95_mm": r["hd95_mm"], "hd95_vox": r["hd95_vox"], "sdlogj": fm["sdlogj"],
+                             "sdlogj_l2r": fm["sdlogj_l2r"], "folding_pct": fm["folding_pct"],
+                             "runtime_s": res.timings["total_s"], "peak_rss_mb": res.timings["peak_rss_mb"],
+                             "settings": ";".join(f"{k}={v}" for k, v in settings.items())})
+            first = False
     return pd.DataFrame(rows)
 
 

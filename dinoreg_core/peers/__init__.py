@@ -21,8 +21,11 @@ from __future__ import annotations
 
 from .. import io
 from ..errors import DinoregError
-from ..pipeline.methods import (RegistrationMethod, RegistrationOutput, available_registration_methods,  # noqa: F401
+from ..pipeline.methods import (RegistrationMethod, RegistrationOutput, available_registration_methods,
                                 get_registration_method, register_registration_method)
+
+__all__ = ["RegistrationMethod", "RegistrationOutput", "available_registration_methods", "get_registration_method",
+           "register_registration_method", "check_same_grid"]
 
 
 def check_same_grid(fixed, moving, method: str) -> None:

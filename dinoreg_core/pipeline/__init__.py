@@ -9,14 +9,14 @@
 and the peers call the same stages.
 """
 
-from .align import AlignedPair, align, covered_box, map_label_ids
+from .align import AlignedPair, align, covered_box, load_pair, map_label_ids, save_pair
 from .config import RegisterConfig, config_from
 from .evaluate import Metrics, evaluate, label_metrics, warp_moving
-from .methods import (Displacement, RegistrationMethod, RegistrationOutput, available_registration_methods,
-                      get_registration_method, method_status, register_registration_method, zero_displacement)
+from .displacement import Displacement, RegistrationMethod, RegistrationOutput, zero_displacement
+from .methods import available_registration_methods, get_registration_method, method_status, register_registration_method
 from .write import prepare_out_dir, write
 
-__all__ = ["AlignedPair", "align", "covered_box", "map_label_ids", "RegisterConfig", "config_from", "Metrics",
+__all__ = ["AlignedPair", "align", "covered_box", "load_pair", "map_label_ids", "save_pair", "RegisterConfig", "config_from", "Metrics",
            "evaluate", "label_metrics", "warp_moving", "Displacement", "RegistrationMethod", "RegistrationOutput",
            "available_registration_methods", "get_registration_method", "method_status",
            "register_registration_method", "zero_displacement", "prepare_out_dir", "write"]

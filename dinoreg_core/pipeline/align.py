@@ -8,8 +8,11 @@ moving scan covers (registration runs there; a partial field of view, e.g. an MR
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -145,3 +148,36 @@ def align(fixed, moving, *, fixed_labels=None, moving_labels=None, init: str = "
     return AlignedPair(fvol, mvol, mov_img, T, box, fmod, mmod, same_grid,
                        flab.array if flab is not None else None, mov_lab, label_names,
                        {"load_s": t_load, "init_s": t_init})
+
+
+def save_pair(pair: AlignedPair, path) -> Path:
+    """Write ``pair`` to an ``.npz`` file (atomically), e.g. to hand one alignment to several worker processes."""
+    path = Path(path)
+    arrays = {"fixed": pair.fixed.array, "fixed_affine": pair.fixed.affine, "moving": pair.moving.array,
+              "moving_affine": pair.moving.affine, "moving_on_fixed": pair.moving_on_fixed,
+              "world_transform": pair.world_transform, "box": np.array(pair.box)}
+    if pair.fixed_labels is not None:
+        arrays["fixed_labels"] = pair.fixed_labels
+    if pair.moving_labels_on_fixed is not None:
+        arrays["moving_labels_on_fixed"] = pair.moving_labels_on_fixed
+    meta = {"fixed_path": pair.fixed.path, "moving_path": pair.moving.path, "fixed_modality": pair.fixed_modality,
+            "moving_modality": pair.moving_modality, "same_grid": pair.same_grid, "timings": pair.timings,
+            "label_names": {str(k): v for k, v in (pair.label_names or {}).items()} or None}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def load_pair(path) -> AlignedPair:
+    """Read an :class:`AlignedPair` written by :func:`save_pair`."""
+    with np.load(path) as z:
+        d = {k: z[k] for k in z.files}
+    meta = json.loads(str(d["meta"]))
+    fixed = io.Volume(d["fixed"], d["fixed_affine"], path=meta["fixed_path"])
+    moving = io.Volume(d["moving"], d["moving_affine"], path=meta["moving_path"])
+    box = tuple(tuple(int(x) for x in b) for b in d["box"])
+    names = {int(k): v for k, v in meta["label_names"].items()} if meta.get("label_names") else None
+    return AlignedPair(fixed, moving, d["moving_on_fixed"], d["world_transform"], box, meta["fixed_modality"],
+                       meta["moving_modality"], bool(meta["same_grid"]), d.get("fixed_labels"),
+                       d.get("moving_labels_on_fixed"), names, dict(meta.get("timings") or {}))

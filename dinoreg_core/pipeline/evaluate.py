@@ -8,7 +8,7 @@ the field's SDlogJ (plain and Learn2Reg variant) and % folding, on the box the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch
 from ..evaluation.metrics import dice_per_label, field_metrics, hd95_per_label
 from ..registration.warp import warp, warp_labels
 from .align import AlignedPair
-from .methods import Displacement
+from .displacement import Displacement
 
 
 @dataclass

@@ -26,7 +26,7 @@ from ..features.registry import checked_options, get_feature_method
 from ..preprocess import normalize_intensity
 from ..registration.convex_adam import ConvexAdamConfig, ConvexAdamTimings, convex_adam
 from .config import canonical_key
-from .methods import RegistrationMethod, RegistrationOutput
+from .displacement import RegistrationMethod, RegistrationOutput
 
 
 @dataclass

@@ -19,7 +19,7 @@ from ..atomic import write_json_atomic
 from ..errors import DinoregError
 from .align import AlignedPair
 from .evaluate import Metrics
-from .methods import Displacement
+from .displacement import Displacement
 
 
 def prepare_out_dir(out: str | os.PathLike) -> Path:

@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import copy
 import csv
-import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +56,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import settings
 from ..atomic import atomic_path, write_json_atomic
 from ..data.augment import AugmentConfig
 from ..errors import DinoregError
@@ -173,99 +173,38 @@ class PretrainConfig:
 
 # ------------------------------------------------------------------------------------------ config files
 
-def _coerce(value, default, name: str):
-    """Convert a JSON / command-line value to the type of the field's default."""
-    if is_dataclass(default):
-        if not isinstance(value, dict):
-            raise DinoregError(f"The config value '{name}' must be an object with the fields of {type(default).__name__}.")
-        return _from_dict(type(default), value, prefix=name + ".")
-    if isinstance(default, bool):
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if not isinstance(value, bool):
-            raise DinoregError(f"The config value {name}={value!r} must be true or false.")
-        return value
-    if isinstance(default, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            raise DinoregError(f"The config value {name}={value!r} must be a list.")
-        return tuple(_coerce(v, default[0], name) if default else v for v in value)
-    if isinstance(default, (int, float)) and not isinstance(default, bool):
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise DinoregError(f"The config value {name}={value!r} must be a number.") from None
-        if isinstance(default, int):
-            if v != int(v):
-                raise DinoregError(f"The config value {name}={value!r} must be an integer.")
-            return int(v)
-        return v
-    if isinstance(default, dict) and isinstance(value, str):        # --set model_overrides='{"depth": 2}'
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise DinoregError(f"The config value {name}={value!r} is not a JSON object.") from None
-    if isinstance(default, dict) and not isinstance(value, dict):
-        raise DinoregError(f"The config value '{name}' must be an object.")
-    return value
+PACKAGED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # pretrain_<name>.json shipped with the package
 
 
-def _from_dict(cls, d: dict, prefix: str = ""):
-    defaults = cls()
-    known = {f.name for f in fields(cls)}
-    for k in d:
-        if k not in known:
-            raise DinoregError(f"Unknown config key '{prefix}{k}' (known: {', '.join(sorted(known))}).")
-    return cls(**{k: _coerce(v, getattr(defaults, k), prefix + k) for k, v in d.items()})
+def resolve_config_path(value: str | None, run_dir: Path, resume: bool) -> Path | None:
+    """The config file for ``--config VALUE`` (a path or a packaged name); on resume default RUN_DIR/config.json."""
+    if value is None:
+        saved = Path(run_dir) / "config.json"
+        return saved if resume and saved.is_file() else None
+    p = Path(value)
+    if p.is_file():
+        return p
+    packaged = PACKAGED_CONFIGS / f"pretrain_{value}.json"
+    if "/" not in value and packaged.is_file():
+        return packaged
+    names = sorted(q.stem.replace("pretrain_", "") for q in PACKAGED_CONFIGS.glob("pretrain_*.json"))
+    raise DinoregError(f"The config {value} is neither a file nor a packaged config name ({', '.join(names)}).")
 
 
 def config_to_dict(cfg: PretrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg)))
+    return settings.to_dict(cfg)
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> PretrainConfig:
     """A :class:`PretrainConfig` from a JSON (or YAML, with PyYAML installed) file and ``key=value`` overrides.
 
-    Override keys may be dotted for nested fields (``augment.global_size=32``); values are parsed as JSON
-    where possible (``true``, ``[1,2]``, ``{"depth": 2}``), else taken as strings.
+    Parsed by :mod:`dinoreg_core.settings` (strict keys and types, the rules every command shares): override keys
+    may be dotted for nested fields (``augment.global_size=32``); values are converted to the field's type
+    (``true``, ``[1,2]`` or ``1,2``, ``{"depth": 2}``).
     """
-    d: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise DinoregError(f"The config file {p} does not exist.")
-        text = p.read_text(encoding="utf-8")
-        try:
-            if p.suffix.lower() in (".yaml", ".yml"):
-                try:
-                    import yaml
-                except ImportError:
-                    raise DinoregError(f"The config file {p} is YAML but PyYAML is not installed; use JSON or "
-                                       f"'pip install pyyaml'.") from None
-                d = yaml.safe_load(text) or {}
-            else:
-                d = json.loads(text)
-        except (json.JSONDecodeError, ValueError) as e:
-            raise DinoregError(f"The config file {p} could not be parsed ({e}).") from None
-        if not isinstance(d, dict):
-            raise DinoregError(f"The config file {p} must hold one object of settings.")
-    for item in overrides or []:
-        if "=" not in item:
-            raise DinoregError(f"The override '{item}' is not of the form key=value.")
-        key, raw = item.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        node = d
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise DinoregError(f"The override '{key}' addresses a field inside a non-object value.")
-        node[parts[-1]] = value
-    cfg = _from_dict(PretrainConfig, d)
+    d = settings.load_file(path, what="config file") if path is not None else {}
+    cfg = settings.from_dict(PretrainConfig, d)
+    settings.apply(cfg, settings.parse_assignments(overrides))
     cfg.check()
     return cfg
 
@@ -609,9 +548,3 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         log.close()
     D.barrier()
     return result
-
-
-if __name__ == "__main__":  # python -m dinoreg_core.ssl.train --data DIR --out RUN_DIR [...]
-    from ..commands.pretrain import main
-
-    sys.exit(main())
