@@ -64,12 +64,13 @@ class InitConfig:
     rotations_deg: float = 15.0          # candidate rotations: 0 and +-this about each world axis
     scales: tuple = (1.0,)               # candidate isotropic scales of the moving body
     min_overlap: float = 0.2             # shared body voxels >= this x the smaller body (search and result)
-    min_score: float = 0.15              # refuse below this MIND concordance correlation on the overlap
-    n_refine: int = 4                    # best search candidates refined by Adam (plus the com/header starts)
+    min_score: float = 0.25              # refuse below this MIND concordance on the overlap (see docstring)
+    n_refine: int = 3                    # best search candidates refined by Adam (plus the com/header starts)
     top_per_candidate: int = 2           # shifts kept per rotation/scale candidate
-    coarse_iterations: int = 60          # Adam iterations refining every start on the search grid
-    iterations: int = 100                # Adam iterations refining the winner on the refine grid
-    points: int = 20000                  # fixed voxels drawn per Adam iteration
+    coarse_iterations: int = 40          # Adam iterations refining every start on the search grid
+    coarse_points: int = 8000            # fixed voxels drawn per iteration there
+    iterations: int = 80                 # Adam iterations refining the winner on the refine grid
+    points: int = 20000                  # fixed voxels drawn per iteration there
     duplicate_mm: float = 6.0            # starts whose refined maps move the fixed body by less are duplicates
     lr: float = 0.01                     # Adam learning rate (normalised units)
     linear_penalty: float = 1.0          # weight of |A A0^-1 - I|^2 on the linear part
@@ -153,7 +154,7 @@ def affine_alignment_report(fixed: Volume, moving: Volume, fixed_modality: str, 
     centre = _body_centre_world(fs)
     refined, cands = [], []
     for name, rot, scale, cost, t in starts:
-        t = refine_affine(fs, ms, t, cfg.coarse_iterations, cfg.lr, cfg.linear_penalty, cfg.points)
+        t = refine_affine(fs, ms, t, cfg.coarse_iterations, cfg.lr, cfg.linear_penalty, cfg.coarse_points)
         score, shared = overlap_score(fs, ms, t)
         dup = any(np.linalg.norm((t - r[3])[:3] @ np.append(centre, 1.0)) < cfg.duplicate_mm for r in refined)
         cands.append({"start": name, "rotation_deg": list(rot) if rot else None, "scale": scale,
@@ -161,22 +162,26 @@ def affine_alignment_report(fixed: Volume, moving: Volume, fixed_modality: str, 
         if not dup:
             refined.append((score, shared, name, t))
     ok = [r for r in refined if r[1] >= cfg.min_overlap]
-    if not ok:
-        raise DinoregError(f"The scans {fixed.path or 'fixed'} and {moving.path or 'moving'} show no plausible "
-                           f"common anatomy (no position shares >= {100 * cfg.min_overlap:.0f}% of the smaller "
-                           "body), so no initial alignment was made.")
-    _, _, name, t = max(ok, key=lambda r: r[0])
+    best = max(ok, key=lambda r: r[0]) if ok else None
+    if best is None or best[0] < cfg.min_score:
+        _refuse(fixed, moving, cfg, best[0] if best else None, best[1] if best else None)
+    _, _, name, t = best
     # the winner: a longer refinement on the finer grid, scored there
     fr = coarse_scan(fixed, fixed_modality, cfg.refine_mm, cfg.mind_r, cfg.mind_d)
     mr = coarse_scan(moving, moving_modality, cfg.refine_mm, cfg.mind_r, cfg.mind_d)
     t = refine_affine(fr, mr, t, cfg.iterations, cfg.lr, cfg.linear_penalty, cfg.points)
     score, shared = overlap_score(fr, mr, t)
     if score < cfg.min_score or shared < cfg.min_overlap:
-        raise DinoregError(f"The scans {fixed.path or 'fixed'} and {moving.path or 'moving'} show no plausible "
-                           f"common anatomy (best MIND concordance {score:.3f} with {100 * shared:.0f}% of the "
-                           f"smaller body shared; needs >= {cfg.min_score} and >= {100 * cfg.min_overlap:.0f}%), "
-                           "so no initial alignment was made.")
+        _refuse(fixed, moving, cfg, score, shared)
     return t, InitReport("affine", name, score, shared, cands, time.perf_counter() - t0)
+
+
+def _refuse(fixed: Volume, moving: Volume, cfg: InitConfig, score, shared) -> None:
+    got = (f"best MIND concordance {score:.3f} with {100 * shared:.0f}% of the smaller body shared" if score is not None
+           else "no position shares enough body")
+    raise DinoregError(f"The scans {fixed.path or 'fixed'} and {moving.path or 'moving'} show no plausible common "
+                       f"anatomy ({got}; needs >= {cfg.min_score} and >= {100 * cfg.min_overlap:.0f}%), so no initial "
+                       "alignment was made.")
 
 
 def _body_centre_world(scan) -> np.ndarray:

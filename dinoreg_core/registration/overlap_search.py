@@ -209,8 +209,11 @@ def overlap_score(fixed: CoarseScan, moving: CoarseScan, t_world: np.ndarray) ->
         mv = _sample_moving(moving, torch.tensor(vox[:3, :3], dtype=torch.float32),
                             torch.tensor(vox[:3, 3], dtype=torch.float32), x)
     w = _weights(fb, mv)
-    shared = float((fb * (mv[-2] > 0.5).float() * (mv[-1] > 0.5).float()).sum())
-    frac = shared / max(1.0, min(float(fb.sum()), float(moving.body.sum())))
+    # volumes in mm^3 of the fixed world: the moving body's volume changes by 1/|det| of the world map
+    vf = float(np.prod(fixed.vol.spacing))
+    vm = float(np.prod(moving.vol.spacing)) / abs(float(np.linalg.det(t_world[:3, :3])))
+    shared = vf * float((fb * (mv[-2] > 0.5).float() * (mv[-1] > 0.5).float()).sum())
+    frac = min(1.0, shared / max(vf, min(vf * float(fb.sum()), vm * float(moving.body.sum()))))
     if float(w.sum()) < 1.0:
         return 0.0, frac
     wn = w / w.sum()
