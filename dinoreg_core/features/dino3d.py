@@ -9,6 +9,14 @@ Options (``options`` dict of the registry call; all optional):
 * ``blocks``: block index or indices (int, list, or a string such as ``"-1"`` / ``"-2,-1"``); default the last.
 * ``memory_budget_gb`` (default 4.0), ``window`` (voxels), ``overlap`` (0.5), ``blend`` ("gaussian"),
   ``fit`` ("resample"), ``progress`` (True): see :class:`dinoreg_core.features.extract.ExtractConfig`.
+* Spacing awareness (:func:`spacing_aware_input`): ``spacing_mm`` — the image's voxel size (mm; one number or
+  three, "2" or "2,2,3"); ``spacing_aware`` (default True) — when the image spacing is known and the weights
+  record the spacing they were trained at (``train_spacing_mm`` in ``X.json``, else
+  ``provenance.pretrain_config.spacing_mm``; ``options['train_spacing_mm']`` overrides both), the normalised
+  image is resampled (trilinear, extent onto extent) to that spacing, rounded up to whole patches, before the
+  backbone runs. The token grid then covers the image's extent, so the pipeline's trilinear upsampling
+  (``align_corners=False``) maps it back onto the image grid. Without ``spacing_mm`` (or with
+  ``spacing_aware=False``) the image meets the model at its own voxel size, as before.
 
 The image is the (1,1,D,H,W) intensity volume normalised to [0,1]; the modality is not used (one backbone for
 CT and MR). Loaded models are cached per (weights file, modification time, device), so the fixed and moving
@@ -17,13 +25,15 @@ images of a pair share one loaded model.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import DinoregError
-from ..models.checkpoint import checkpoint_paths, load_backbone
+from ..models.checkpoint import checkpoint_paths, load_backbone, read_backbone_meta
 from .extract import ExtractConfig, extract_features
 from .registry import FeatureMethod, register_feature_method
 
@@ -31,6 +41,7 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "dino3d_demo
 AUTHORS_SUFFIXES = (".ckpt", ".pt", ".pth")
 _CACHE: "OrderedDict[tuple, torch.nn.Module]" = OrderedDict()
 _CACHE_SIZE = 2
+ROUND_TOL = 1e-6  # token counts within this of an integer are not rounded up to the next one
 
 
 def resolve_weights(options: dict) -> Path:
@@ -99,12 +110,79 @@ def extract_config(options: dict) -> ExtractConfig:
     return e
 
 
+def _spacing3(value, what: str) -> tuple | None:
+    """None, 2, "2", "2,2,3", [2, 2, 3] -> (3,) floats > 0 (or None); a clear error otherwise."""
+    if value is None:
+        return None
+    try:
+        if isinstance(value, str):
+            vals = [float(v) for v in value.replace(" ", "").split(",") if v]
+        elif isinstance(value, (int, float)):
+            vals = [float(value)]
+        else:
+            vals = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise DinoregError(f"dino3d option {what}={value!r} is not a spacing in mm (one number or three).") from None
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3 or not all(v > 0 and v < float("inf") for v in vals):
+        raise DinoregError(f"dino3d option {what}={value!r} must be one or three positive spacings in mm.")
+    return tuple(vals)
+
+
+def train_spacing(weights: Path, options: dict) -> tuple | None:
+    """Voxel size (mm, (3,)) the backbone was trained at: ``options['train_spacing_mm']``, else the weights'
+    JSON ``train_spacing_mm``, else its ``provenance.pretrain_config.spacing_mm``; None when unknown (authors'
+    checkpoints carry no JSON)."""
+    if options.get("train_spacing_mm") is not None:
+        return _spacing3(options["train_spacing_mm"], "train_spacing_mm")
+    if weights.suffix in AUTHORS_SUFFIXES:
+        return None
+    meta = read_backbone_meta(weights)
+    if meta.get("train_spacing_mm") is not None:
+        return _spacing3(meta["train_spacing_mm"], f"train_spacing_mm of {weights.with_suffix('.json').name}")
+    sp = (meta.get("provenance") or {}).get("pretrain_config", {}).get("spacing_mm")
+    return _spacing3(sp, "provenance.pretrain_config.spacing_mm") if sp is not None else None
+
+
+def spacing_target_size(shape, spacing_mm, train_spacing_mm, patch_size: int) -> tuple:
+    """Size (D',H',W') of the image resampled to ``train_spacing_mm``: extent / train spacing, rounded up to a
+    whole number (>= 1) of patches per axis, as the plain extraction rounds the image up to whole patches (so
+    an image already at the training spacing gets exactly the plain extraction's input)."""
+    out = []
+    for n, s, t in zip(shape, spacing_mm, train_spacing_mm):
+        tokens = max(1, math.ceil(n * s / (t * patch_size) - ROUND_TOL))
+        out.append(tokens * patch_size)
+    return tuple(out)
+
+
+def spacing_aware_input(image: torch.Tensor, options: dict, weights: Path, patch_size: int) -> torch.Tensor:
+    """The backbone input: ``image`` (1,1,D,H,W) resampled to the training spacing when spacing-aware (see the
+    module docstring), else ``image`` itself."""
+    aware = options.get("spacing_aware", True)
+    if isinstance(aware, str):
+        aware = aware.strip().lower() not in ("false", "0", "no", "off")
+    spacing = _spacing3(options.get("spacing_mm"), "spacing_mm")
+    if not aware or spacing is None:
+        return image
+    train = train_spacing(weights, options)
+    if train is None:
+        return image
+    size = spacing_target_size(image.shape[2:], spacing, train, patch_size)
+    if size == tuple(image.shape[2:]):
+        return image
+    return F.interpolate(image, size=size, mode="trilinear", align_corners=False)
+
+
 def dino3d_features(image: torch.Tensor, *, modality: str = "ct", device=None, options=None) -> torch.Tensor:
-    """Dense DINO features (1, C, ceil(D/p), ceil(H/p), ceil(W/p)) float32 on ``device`` (see module docstring)."""
+    """Dense DINO features (1, C, d, h, w) float32 on ``device`` (see module docstring): d = ceil(D/p) etc., or,
+    spacing-aware, the token grid of the image resampled to the training spacing (same extent)."""
     options = dict(options or {})
     device = torch.device(device) if device is not None else image.device
-    model = load_cached(resolve_weights(options), device)
-    return extract_features(model, image, extract_config(options), device=device)
+    weights = resolve_weights(options)
+    model = load_cached(weights, device)
+    x = spacing_aware_input(image.to(device, torch.float32), options, weights, model.cfg.patch_size)
+    return extract_features(model, x, extract_config(options), device=device)
 
 
 register_feature_method(FeatureMethod(

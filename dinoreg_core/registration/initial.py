@@ -7,40 +7,32 @@ so the moving image resampled onto the fixed grid is ``moving(T @ world(x))``
 Methods:
 
 * ``none`` — identity: trust the scanners' world coordinates.
-* ``com`` — translation that superimposes the centres of mass of the two body masks.
-* ``affine`` — (1) an exhaustive translation search: MIND-SSC SSD between the two scans on a coarse isotropic
-  grid (``search_mm``) for *every* integer shift, computed at once with FFT cross-correlations and restricted to
-  shifts where most of the moving body overlaps the fixed field of view; then (2) an affine refinement of the
-  best shift by Adam on the same MIND SSD (trilinear sampling), with a weak penalty keeping the linear part near
-  a rotation/identity (``linear_penalty``). MIND makes both steps work across MR and CT.
+* ``com`` — translation that superimposes the centres of mass of the two body masks (assumes both scans show
+  the same body region).
+* ``affine`` — for scans that may share only PART of their extent (a chest-abdomen CT against an
+  abdomen-pelvis CT, an MR slab against a full CT): a coarse search over rotations (0 and +-15 degrees about
+  each world axis), optional scales and *every* translation, scored by the MIND-SSC SSD on the overlap only;
+  the best few starts plus the centre-of-mass and header starts are refined by an affine Adam fit on the same
+  overlap cost and the one with the highest MIND concordance correlation on the overlap wins
+  (:mod:`dinoreg_core.registration.overlap_search`). MIND makes it work across MR and CT. It refuses, in one
+  sentence, when no start reaches a plausible score.
+
+:func:`initial_alignment_report` returns the transform and an :class:`InitReport` (which start won, its score,
+the shared body fraction, every candidate) for metrics.json; :func:`initial_alignment` returns the transform.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from ..errors import DinoregError
-from ..features.mind import mind_ssc
 from ..io import Volume
-from ..preprocess import foreground_mask, guess_modality, normalize_intensity, resample_spacing
-from .warp import sample
-
-
-@dataclass
-class InitConfig:
-    """Settings of the affine initial alignment."""
-
-    search_mm: float = 6.0  # grid spacing of the translation search and the affine refinement (mm)
-    min_overlap: float = 0.6  # fraction of the moving body that must fall inside the fixed field of view
-    iterations: int = 150  # Adam iterations of the affine refinement
-    lr: float = 0.01  # Adam learning rate (normalised units)
-    linear_penalty: float = 1.0  # weight of |A - I|^2 on the linear part
-    mind_r: int = 1
-    mind_d: int = 1
+from ..preprocess import foreground_mask, guess_modality, world_overlap_fraction
+from .overlap_search import (candidate_grid, coarse_scan, fixed_spectra, overlap_score, overlap_translation_search,
+                             refine_affine, rotation_matrix, shift_to_transform)
 
 
 def _com_world(vol: Volume, mask: np.ndarray) -> np.ndarray:
@@ -63,116 +55,165 @@ def com_alignment(fixed: Volume, moving: Volume, fixed_modality: str, moving_mod
     return translation(_com_world(moving, mm) - _com_world(fixed, mf))
 
 
-def _coarse(vol: Volume, modality: str, mm: float, cfg: InitConfig):
-    """Resample to ``mm`` isotropic; return (Volume, MIND (1,12,...), body mask (bool array))."""
-    c = resample_spacing(vol, mm)
-    norm = normalize_intensity(c.array, modality)
-    feat = mind_ssc(torch.from_numpy(norm)[None, None], cfg.mind_r, cfg.mind_d)
-    body = foreground_mask(c.array, modality)
-    return c, feat, body
+@dataclass
+class InitConfig:
+    """Settings of the partial-field-of-view ``affine`` alignment (:mod:`.overlap_search`)."""
+
+    search_mm: float = 8.0               # grid spacing of the rotation x scale x translation search (mm)
+    refine_mm: float = 6.0               # grid spacing of the affine refinement and of the score (mm)
+    rotations_deg: float = 15.0          # candidate rotations: 0 and +-this about each world axis
+    scales: tuple = (1.0,)               # candidate isotropic scales of the moving body
+    min_overlap: float = 0.2             # shared body voxels >= this x the smaller body (search and result)
+    min_score: float = 0.25              # refuse below this MIND concordance on the overlap (see docstring)
+    n_refine: int = 3                    # best search candidates refined by Adam (plus the com/header starts)
+    top_per_candidate: int = 2           # shifts kept per rotation/scale candidate
+    coarse_iterations: int = 40          # Adam iterations refining every start on the search grid
+    coarse_points: int = 8000            # fixed voxels drawn per iteration there
+    iterations: int = 80                 # Adam iterations refining the winner on the refine grid
+    points: int = 20000                  # fixed voxels drawn per iteration there
+    duplicate_mm: float = 6.0            # starts whose refined maps move the fixed body by less are duplicates
+    lr: float = 0.01                     # Adam learning rate (normalised units)
+    linear_penalty: float = 1.0          # weight of |A A0^-1 - I|^2 on the linear part
+    mind_r: int = 1
+    mind_d: int = 1
 
 
-def _xcorr(a: torch.Tensor, b: torch.Tensor, full) -> torch.Tensor:
-    """Cross-correlation sum_j a(j) b(j + s) for all shifts s, via FFT: (C,*A), (C,*B) -> (*full)."""
-    fa = torch.fft.rfftn(a, s=full, dim=(-3, -2, -1))
-    fb = torch.fft.rfftn(b, s=full, dim=(-3, -2, -1))
-    return torch.fft.irfftn(fa.conj() * fb, s=full, dim=(-3, -2, -1)).sum(0)
+@dataclass
+class InitReport:
+    """What the initial alignment did, for metrics.json (:meth:`as_dict`).
 
-
-def translation_search(fixed_feat, fixed_valid, moving_feat, moving_body, min_overlap: float) -> np.ndarray:
-    """Best integer shift s (coarse voxels) with moving voxel j <-> fixed voxel j + s, by mean MIND SSD.
-
-    Args:
-        fixed_feat: (C,*F) features of the fixed scan; fixed_valid: (*F) weights (1 inside the fixed scan).
-        moving_feat: (C,*M) features; moving_body: (*M) body mask of the moving scan (where the cost is taken).
-    Returns:
-        (3,) integer shift in coarse voxels.
+    method: "none" | "com" | "affine"; chosen: which start won ("search", "com", "header" or the method);
+    score: concordance correlation of MIND-SSC on the overlap at the result (1 = identical, ~0 = unrelated;
+    None for "none"/"com"); shared_fraction: shared body voxels / smaller body; candidates: one dict per refined
+    start (start, rotation_deg, scale, search_cost, score, shared_fraction); seconds: wall time.
     """
-    fs, ms = fixed_feat.shape[1:], moving_feat.shape[1:]
-    full = tuple(f + m for f, m in zip(fs, ms))
-    mk = moving_body.float()
-    w = fixed_valid.float()
-    # S(s) = sum_j mk(j) w(j+s) [ |F(j+s)|^2 - 2 F(j+s).M(j) + |M(j)|^2 ]
-    # shifts are indexed modulo `full`: s in [-(M-1), F-1]
-    t1 = _xcorr(mk[None], (w * (fixed_feat ** 2).sum(0))[None], full)
-    t2 = _xcorr(mk[None] * moving_feat, w[None] * fixed_feat, full)
-    t3 = _xcorr((mk * (moving_feat ** 2).sum(0))[None], w[None], full)
-    n = _xcorr(mk[None], w[None], full)
-    cost = (t1 - 2 * t2 + t3) / n.clamp_min(1.0)
-    ok = n >= min_overlap * mk.sum()
-    if not ok.any():
-        raise DinoregError("The translation search found no position where the moving scan overlaps the fixed scan.")
-    cost[~ok] = float("inf")
-    flat = int(torch.argmin(cost))
-    idx = np.array(np.unravel_index(flat, full))
-    idx = np.where(idx >= np.array(fs), idx - np.array(full), idx)
-    return idx
+
+    method: str
+    chosen: str
+    score: float | None = None
+    shared_fraction: float | None = None
+    candidates: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
 
 
-def _affine_refine(fc: Volume, ffeat, fbody, mc: Volume, mfeat, t_world: np.ndarray, cfg: InitConfig) -> np.ndarray:
-    """Refine a fixed-world -> moving-world transform by Adam on MIND SSD over the fixed body (coarse grids)."""
-    vox = np.linalg.inv(mc.affine) @ t_world @ fc.affine  # fixed coarse voxel -> moving coarse voxel
-    centre = np.argwhere(fbody).mean(0) if fbody.any() else (np.array(fc.shape) - 1) / 2
-    # parametrise around the fixed body centre: y = A (x - c) + A0 c + b0 + dt
-    a0 = torch.tensor(vox[:3, :3], dtype=torch.float32)
-    b0 = torch.tensor(vox[:3, :3] @ centre + vox[:3, 3], dtype=torch.float32)
-    c = torch.tensor(centre, dtype=torch.float32)
-    lin = torch.zeros(3, 3, requires_grad=True)
-    dt = torch.zeros(3, requires_grad=True)
-    opt = torch.optim.Adam([lin, dt], lr=cfg.lr)
-    shape = fc.shape
-    axes = [torch.arange(s, dtype=torch.float32) for s in shape]
-    x = torch.stack(torch.meshgrid(*axes, indexing="ij"), 0).reshape(3, -1)
-    mask = torch.from_numpy(fbody.reshape(-1))
-    x = x[:, mask]
-    ff = ffeat[0].reshape(ffeat.shape[1], -1)[:, mask]
-    valid_m = torch.ones((1, 1, *mc.shape))
-    scale_t = float(np.mean(shape))
-    for _ in range(cfg.iterations):
-        opt.zero_grad()
-        a = a0 @ (torch.eye(3) + lin)
-        y = a @ (x - c[:, None]) + (b0 + dt * scale_t)[:, None]
-        coords = y.reshape(1, 3, -1, 1, 1)
-        mv = sample(torch.cat([mfeat, valid_m], 1), coords, padding_mode="zeros")[0, :, :, 0, 0]
-        wv = mv[-1]
-        ssd = (((mv[:-1] - ff) ** 2).sum(0) * wv).sum() / wv.sum().clamp_min(1.0)
-        out_pen = (1 - wv).mean()
-        loss = ssd + cfg.linear_penalty * (lin ** 2).sum() + out_pen
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        a = (a0 @ (torch.eye(3) + lin)).double().numpy()
-        b = (b0 + dt * scale_t).double().numpy() - a @ centre
-    vox_new = np.eye(4)
-    vox_new[:3, :3], vox_new[:3, 3] = a, b
-    return mc.affine @ vox_new @ np.linalg.inv(fc.affine)
+def _linear_candidates(cfg: InitConfig) -> list[tuple[tuple, float, np.ndarray]]:
+    rots = [(0.0, 0.0, 0.0)]
+    if cfg.rotations_deg:
+        for axis in range(3):
+            for sign in (-1.0, 1.0):
+                r = [0.0, 0.0, 0.0]
+                r[axis] = sign * cfg.rotations_deg
+                rots.append(tuple(r))
+    out = []
+    for s in cfg.scales:
+        if not s > 0:
+            raise DinoregError(f"Initial-alignment scale {s} must be positive.")
+        for r in rots:
+            out.append((r, float(s), s * rotation_matrix(r)))
+    return out
+
+
+def affine_alignment_report(fixed: Volume, moving: Volume, fixed_modality: str, moving_modality: str,
+                            cfg: InitConfig | None = None) -> tuple[np.ndarray, InitReport]:
+    """Affine fixed-world -> moving-world transform for scans that may share only part of their extent.
+
+    Search (``search_mm``): for 0 and +-``rotations_deg`` about each world axis (times each of ``scales``) every
+    translation is scored by the MIND SSD over the overlap only (:func:`overlap_translation_search`); the
+    ``n_refine`` best, the centre-of-mass translation and the scanners' own world coordinates (when the scans
+    overlap there) are each refined briefly by Adam on the search grid; the one with the highest MIND
+    concordance correlation on the overlap wins and is refined further on the ``refine_mm`` grid. Raises :class:`DinoregError` when no start reaches ``min_score`` with at
+    least ``min_overlap`` of the smaller body shared.
+    """
+    cfg = cfg or InitConfig()
+    t0 = time.perf_counter()
+    fs = coarse_scan(fixed, fixed_modality, cfg.search_mm, cfg.mind_r, cfg.mind_d)
+    ms = coarse_scan(moving, moving_modality, cfg.search_mm, cfg.mind_r, cfg.mind_d)
+    if not fs.body.any() or not ms.body.any():
+        which = "moving" if fs.body.any() else "fixed"
+        raise DinoregError(f"The affine alignment found no body in the {which} scan.")
+    cands_lin = [(rot, scale, lin, candidate_grid(ms, lin, cfg.search_mm, cfg.mind_r, cfg.mind_d))
+                 for rot, scale, lin in _linear_candidates(cfg)]
+    biggest = np.max([c.feat.shape[1:] for *_, c in cands_lin], axis=0)
+    spectra = fixed_spectra(fs, tuple(int(f + m) for f, m in zip(fs.feat.shape[1:], biggest)))
+    found = []
+    for rot, scale, lin, cand in cands_lin:
+        for c in overlap_translation_search(fs, cand, cfg.min_overlap, cfg.top_per_candidate, spectra=spectra):
+            found.append((c.cost, rot, scale, shift_to_transform(fs, cand, lin, c.shift)))
+    found.sort(key=lambda f: f[0])
+    starts = [("search", rot, scale, cost, t) for cost, rot, scale, t in found[:cfg.n_refine]]
+    try:
+        starts.append(("com", None, 1.0, None, com_alignment(fixed, moving, fixed_modality, moving_modality)))
+    except DinoregError:
+        pass
+    if world_overlap_fraction(fixed, moving) > 0.0:
+        starts.append(("header", None, 1.0, None, np.eye(4)))
+    # every start: a short Adam refinement and its score on the search grid; duplicates are dropped
+    centre = _body_centre_world(fs)
+    refined, cands = [], []
+    for name, rot, scale, cost, t in starts:
+        t = refine_affine(fs, ms, t, cfg.coarse_iterations, cfg.lr, cfg.linear_penalty, cfg.coarse_points)
+        score, shared = overlap_score(fs, ms, t)
+        dup = any(np.linalg.norm((t - r[3])[:3] @ np.append(centre, 1.0)) < cfg.duplicate_mm for r in refined)
+        cands.append({"start": name, "rotation_deg": list(rot) if rot else None, "scale": scale,
+                      "search_cost": cost, "score": score, "shared_fraction": shared, "duplicate": bool(dup)})
+        if not dup:
+            refined.append((score, shared, name, t))
+    ok = [r for r in refined if r[1] >= cfg.min_overlap]
+    best = max(ok, key=lambda r: r[0]) if ok else None
+    if best is None or best[0] < cfg.min_score:
+        _refuse(fixed, moving, cfg, best[0] if best else None, best[1] if best else None)
+    _, _, name, t = best
+    # the winner: a longer refinement on the finer grid, scored there
+    fr = coarse_scan(fixed, fixed_modality, cfg.refine_mm, cfg.mind_r, cfg.mind_d)
+    mr = coarse_scan(moving, moving_modality, cfg.refine_mm, cfg.mind_r, cfg.mind_d)
+    t = refine_affine(fr, mr, t, cfg.iterations, cfg.lr, cfg.linear_penalty, cfg.points)
+    score, shared = overlap_score(fr, mr, t)
+    if score < cfg.min_score or shared < cfg.min_overlap:
+        _refuse(fixed, moving, cfg, score, shared)
+    return t, InitReport("affine", name, score, shared, cands, time.perf_counter() - t0)
+
+
+def _refuse(fixed: Volume, moving: Volume, cfg: InitConfig, score, shared) -> None:
+    got = (f"best MIND concordance {score:.3f} with {100 * shared:.0f}% of the smaller body shared" if score is not None
+           else "no position shares enough body")
+    raise DinoregError(f"The scans {fixed.path or 'fixed'} and {moving.path or 'moving'} show no plausible common "
+                       f"anatomy ({got}; needs >= {cfg.min_score} and >= {100 * cfg.min_overlap:.0f}%), so no initial "
+                       "alignment was made.")
+
+
+def _body_centre_world(scan) -> np.ndarray:
+    idx = np.argwhere(scan.body.numpy() > 0).mean(0)
+    return scan.vol.affine[:3, :3] @ idx + scan.vol.affine[:3, 3]
 
 
 def affine_alignment(fixed: Volume, moving: Volume, fixed_modality: str, moving_modality: str,
                      cfg: InitConfig | None = None) -> np.ndarray:
-    """Translation search + affine refinement on MIND-SSC (fixed world -> moving world)."""
-    cfg = cfg or InitConfig()
-    fc, ffeat, fbody = _coarse(fixed, fixed_modality, cfg.search_mm, cfg)
-    mc, mfeat, mbody = _coarse(moving, moving_modality, cfg.search_mm, cfg)
-    if not mbody.any():
-        raise DinoregError("The affine alignment found no body in the moving scan.")
-    shift = translation_search(ffeat[0], torch.ones(fc.shape), mfeat[0], torch.from_numpy(mbody), cfg.min_overlap)
-    # moving coarse voxel j <-> fixed coarse voxel j + shift: world(fixed j+s) -> world(moving j)
-    fw = fc.affine[:3, :3] @ shift + fc.affine[:3, 3]
-    mw = mc.affine[:3, 3]
-    t = translation(mw - fw)
-    return _affine_refine(fc, ffeat, fbody, mc, mfeat, t, cfg)
+    """Partial-field-of-view affine alignment (fixed world -> moving world); see :func:`affine_alignment_report`."""
+    return affine_alignment_report(fixed, moving, fixed_modality, moving_modality, cfg)[0]
+
+
+def initial_alignment_report(fixed: Volume, moving: Volume, method: str = "none", *,
+                             fixed_modality: str | None = None, moving_modality: str | None = None,
+                             cfg: InitConfig | None = None) -> tuple[np.ndarray, InitReport]:
+    """((4,4) fixed-world -> moving-world transform, :class:`InitReport`) by ``method`` in {none, com, affine}."""
+    fm = fixed_modality or guess_modality(fixed.array)
+    mm = moving_modality or guess_modality(moving.array)
+    t0 = time.perf_counter()
+    if method == "none":
+        return np.eye(4), InitReport("none", "none", seconds=0.0)
+    if method == "com":
+        t = com_alignment(fixed, moving, fm, mm)
+        return t, InitReport("com", "com", seconds=time.perf_counter() - t0)
+    if method == "affine":
+        return affine_alignment_report(fixed, moving, fm, mm, cfg)
+    raise DinoregError(f"Unknown initial alignment '{method}'; use none, com or affine.")
 
 
 def initial_alignment(fixed: Volume, moving: Volume, method: str = "none", *, fixed_modality: str | None = None,
                       moving_modality: str | None = None, cfg: InitConfig | None = None) -> np.ndarray:
     """(4,4) fixed-world -> moving-world transform by ``method`` in {"none", "com", "affine"}."""
-    fm = fixed_modality or guess_modality(fixed.array)
-    mm = moving_modality or guess_modality(moving.array)
-    if method == "none":
-        return np.eye(4)
-    if method == "com":
-        return com_alignment(fixed, moving, fm, mm)
-    if method == "affine":
-        return affine_alignment(fixed, moving, fm, mm, cfg)
-    raise DinoregError(f"Unknown initial alignment '{method}'; use none, com or affine.")
+    return initial_alignment_report(fixed, moving, method, fixed_modality=fixed_modality,
+                                    moving_modality=moving_modality, cfg=cfg)[0]
