@@ -62,12 +62,15 @@ from ..data.augment import AugmentConfig
 from ..errors import DinoregError
 from ..models.vit3d import CONFIGS, ViT3D, ViT3DConfig
 from . import dist as D
-from .data import MaskConfig, PretrainViews, StepBatchSampler, VolumeSource, collate_views, sample_seed
+from .data import (MaskConfig, PretrainViews, StepBatchSampler, StreamConfig, StreamViews, VolumeSource,
+                   collate_views, sample_seed)
 from .dense import DenseProjector, dense_correspondence_loss
 from .heads import DINOHead, cancel_last_layer_grads
 from .losses import Center, dino_cls_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
 from .meta import SSLNet
 from .schedules import cosine, warmup_constant, warmup_cosine
+
+STREAM_ONLY = "stream"           # --data value: streamed phantom subjects only (stream.enabled), no scans
 
 LOG_FIELDS = ["step", "samples", "loss", "dino_loss", "ibot_loss", "dense_loss", "contrast_loss", "koleo_loss", "lr",
               "weight_decay", "momentum", "teacher_temp", "grad_norm", "teacher_entropy", "teacher_marginal_entropy",
@@ -117,6 +120,8 @@ class PretrainConfig:
     # views (crop sizes must be multiples of the patch size)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # data
+    stream: StreamConfig = field(default_factory=StreamConfig)  # streamed phantom subjects, two appearances per
+                                               # sample (enabled: --data may be "stream" = no real scans)
     spacing_mm: float = 2.0                    # resampling of NIfTI / dataset sources (corpus volumes: as cached)
     cache_volumes: int = 64                    # volumes kept in memory per data process
     num_workers: int = 0                       # DataLoader worker processes (0: views made in the main process)
@@ -137,6 +142,8 @@ class PretrainConfig:
     device: str = "auto"                       # "auto", "cpu", "cuda"
     threads: int = 0                           # torch CPU threads per process (0: torch's default)
     ckpt_every: int = 500                      # steps between checkpoints (the last step always saves)
+    snapshot_every: int = 0                    # >0: also export the teacher backbone every so many steps to
+                                               #     RUN_DIR/snapshots/step_NNNNNN.* (for selection afterwards)
     log_every: int = 10                        # steps between log rows
     steps_per_run: int = 0                     # >0: this invocation stops (with a checkpoint) after so many steps;
                                                #     --resume continues (time-sliced jobs); 0: run to ``steps``
@@ -161,6 +168,10 @@ class PretrainConfig:
             raise DinoregError(f"steps={self.steps} and batch_size={self.batch_size} must both be at least 1.")
         if not 0.0 <= self.mask_ratio_min <= self.mask_ratio_max <= 1.0:
             raise DinoregError(f"The mask ratios {self.mask_ratio_min}..{self.mask_ratio_max} must lie in [0, 1].")
+        if self.stream.enabled:
+            self.stream.check()
+        if self.snapshot_every < 0:
+            raise DinoregError(f"snapshot_every={self.snapshot_every} must be 0 (off) or a number of steps.")
 
     def model_config(self) -> ViT3DConfig:
         base = CONFIGS[self.model]
@@ -420,9 +431,19 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
 
     # ---- data: global sample index -> views (pure function of (seed, index))
     vit_cfg = cfg.model_config()
-    source = VolumeSource(data, spacing_mm=cfg.spacing_mm)
     masks_cfg = MaskConfig(cfg.mask_ratio_min, cfg.mask_ratio_max, cfg.mask_probability)
-    dataset = PretrainViews(source, cfg.augment, masks_cfg, vit_cfg.patch_size, cfg.seed, cfg.cache_volumes)
+    if str(data) == STREAM_ONLY and not cfg.stream.enabled:
+        raise DinoregError(f"--data {STREAM_ONLY} needs stream.enabled=true (streamed phantom subjects).")
+    real = None
+    if str(data) != STREAM_ONLY:
+        source = VolumeSource(data, spacing_mm=cfg.spacing_mm)
+        real = PretrainViews(source, cfg.augment, masks_cfg, vit_cfg.patch_size, cfg.seed, cfg.cache_volumes)
+    if cfg.stream.enabled:
+        dataset = StreamViews(cfg.stream, cfg.augment, masks_cfg, vit_cfg.patch_size, cfg.seed,
+                              real=real if cfg.stream.real_ratio > 0 else None)
+    else:
+        dataset = real
+    describe_data = dataset.describe if cfg.stream.enabled else dataset.source.describe
 
     # ---- student, teacher (EMA copy, no gradients), centers, optimiser, grad scaler
     student = build_net(cfg, replace(vit_cfg, drop_path_rate=cfg.drop_path_rate)).to(device)
@@ -452,8 +473,8 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
             set_rng_state(ck["rng"][rank])
         if master:
             print(f"dinoreg pretrain: resumed {ckpt_path} at step {step}", file=sys.stderr)
-            if ck.get("data") != source.describe():
-                print(f"dinoreg pretrain: warning: the data {source.describe()} differ from the checkpoint's "
+            if ck.get("data") != describe_data():
+                print(f"dinoreg pretrain: warning: the data {describe_data()} differ from the checkpoint's "
                       f"{ck.get('data')}; the sample stream continues on the new data", file=sys.stderr)
             if len(ck["rng"]) != world:
                 print(f"dinoreg pretrain: warning: {world} processes now, {len(ck['rng'])} before; RNG states "
@@ -465,12 +486,19 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         rngs = D.gather_objects(rng_state())
         if master:
             state = {"step": step, "samples": samples, "world_size": world, "config": config_to_dict(cfg),
-                     "data": source.describe(),
+                     "data": describe_data(),
                      "student": student.state_dict(), "teacher": teacher.state_dict(),
                      "dino_center": dino_center.state_dict(), "ibot_center": ibot_center.state_dict(),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs}
             with atomic_path(ckpt_path) as tmp:
                 torch.save(state, tmp)
+
+    def export_teacher(stem: Path) -> Path:
+        from ..models.checkpoint import save_backbone
+
+        prov = {"data": describe_data(), "steps": step, "samples": samples, "seed": cfg.seed, "world_size": world,
+                "run_dir": str(out.resolve()), "pretrain_config": config_to_dict(cfg), "final_log": last_row}
+        return save_backbone(teacher.backbone, vit_cfg, stem, prov)
 
     def targets(logits: torch.Tensor, center: Center, temp: float, weights=None) -> torch.Tensor:
         if cfg.centering == "sinkhorn":
@@ -593,18 +621,15 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         bar.update(1)
         if step % cfg.ckpt_every == 0 or step == end:
             save_checkpoint()
+        if master and cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0:
+            export_teacher(out / "snapshots" / f"step_{step:06d}")
     bar.close()
 
     # ---- export the teacher backbone
     result = {"run_dir": str(out), "step": step, "samples": samples, "world_size": world, "rank": rank,
               "last": last_row}
     if step >= cfg.steps and master:
-        from ..models.checkpoint import save_backbone
-
-        prov = {"data": source.describe(), "steps": step, "samples": samples, "seed": cfg.seed,
-                "world_size": world, "run_dir": str(out.resolve()), "pretrain_config": config_to_dict(cfg),
-                "final_log": last_row}
-        result["export"] = str(save_backbone(teacher.backbone, vit_cfg, out / "teacher_backbone", prov))
+        result["export"] = str(export_teacher(out / "teacher_backbone"))
     if log is not None:
         log.close()
     D.barrier()
