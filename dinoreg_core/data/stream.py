@@ -81,14 +81,47 @@ def generate_tissue(seed: int, phantom_cfg) -> torch.Tensor:
     return torch.from_numpy(generate_subject(seed, phantom_cfg, with_mr=False, images=False)["tissue"])
 
 
+def generate_shapes(seed: int, shape=(64, 64, 64), n_shapes: int = 24, n_classes: int = 32) -> torch.Tensor:
+    """(D,H,W) uint8 label ensemble (anatomix-like, no anatomy): a body ellipsoid (id 1) holding ``n_shapes``
+    random ellipsoids with random ids 2..n_classes-1 painted in order, on background 0. Milliseconds per map, so
+    it also serves as the fast source of tests."""
+    g = torch.Generator().manual_seed(int(seed) % 2 ** 63)
+    D, H, W = (int(v) for v in shape)
+    z, y, x = torch.meshgrid(torch.arange(D), torch.arange(H), torch.arange(W), indexing="ij")
+    pts = torch.stack([z, y, x], -1).float()                               # (D,H,W,3)
+    size = torch.tensor([D, H, W], dtype=torch.float32)
+    lab = torch.zeros(D, H, W, dtype=torch.uint8)
+    lab[(((pts - size / 2) / (0.47 * size)) ** 2).sum(-1) < 1] = 1
+    for _ in range(int(n_shapes)):
+        c = size * (0.15 + 0.7 * torch.rand(3, generator=g))
+        r = size * (0.04 + 0.16 * torch.rand(3, generator=g))
+        q, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))                # random rotation
+        d = (pts - c) @ q
+        k = int(torch.randint(2, max(3, int(n_classes)), (), generator=g))
+        lab[((d / r) ** 2).sum(-1) < 1] = k
+    return lab
+
+
+def make_subject(source: str, seed: int, phantom_cfg) -> torch.Tensor:
+    """Tissue map of one stream subject: ``"phantom"`` (:func:`generate_tissue`) or ``"shapes"``
+    (:func:`generate_shapes` on the phantom config's grid)."""
+    if source == "phantom":
+        return generate_tissue(seed, phantom_cfg)
+    if source == "shapes":
+        return generate_shapes(seed, tuple(phantom_cfg.shape))
+    raise DinoregError(f"stream.source='{source}' is not known; use 'phantom' or 'shapes'.")
+
+
 class SubjectPool:
     """Tissue maps of stream subjects, generated ahead in background threads (see the module docstring).
 
     ``get(i)`` returns (k, tissue) for global sample ``i``; it blocks only when the map is not ready yet.
     """
 
-    def __init__(self, schedule: SubjectSchedule, phantom_cfg, *, threads: int = 1, prefetch_blocks: int = 1):
+    def __init__(self, schedule: SubjectSchedule, phantom_cfg, *, threads: int = 1, prefetch_blocks: int = 1,
+                 source: str = "phantom"):
         self.schedule = schedule
+        self.source = source
         self.phantom_cfg = phantom_cfg
         self.threads = max(1, int(threads))
         self.prefetch_blocks = max(0, int(prefetch_blocks))
@@ -115,7 +148,7 @@ class SubjectPool:
             for k in range(lo, hi):
                 if k not in self._maps:
                     seed = stream_subject_seed(s.seed, k)
-                    self._maps[k] = ex.submit(generate_tissue, seed, self.phantom_cfg)
+                    self._maps[k] = ex.submit(make_subject, self.source, seed, self.phantom_cfg)
 
     def get(self, i: int) -> tuple[int, torch.Tensor]:
         k = self.schedule.subject(i)

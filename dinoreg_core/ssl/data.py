@@ -266,6 +266,7 @@ class StreamConfig:
     """
 
     enabled: bool = False                    # False: views come from --data as before
+    source: str = "phantom"                  # subjects: "phantom" (anatomy) or "shapes" (random label ensembles)
     seed: int = 14_001                       # stream seed (dinoreg_core.data.cohorts.ROLE_SEEDS["pretrain"])
     pool_size: int = 32                      # subjects usable at a time; no subject repeats in a block of this many
     new_every: int = 16                      # samples per new subject (pool turnover; generation cost ~4 s/subject)
@@ -291,6 +292,8 @@ class StreamConfig:
             raise DinoregError(f"stream.spacing_range_mm={self.spacing_range_mm} must be two sizes 0 < lo <= hi (mm).")
         if not 0.0 <= self.real_ratio <= 1.0:
             raise DinoregError(f"stream.real_ratio={self.real_ratio} must lie in [0, 1].")
+        if self.source not in ("phantom", "shapes"):
+            raise DinoregError(f"stream.source='{self.source}' is not known; use 'phantom' or 'shapes'.")
         if self.region_scale < 1.0:
             raise DinoregError(f"stream.region_scale={self.region_scale} must be at least 1.")
 
@@ -327,7 +330,7 @@ class StreamViews(torch.utils.data.Dataset):
         self.cfg, self.augment, self.masks = cfg, augment, masks
         self.patch_size, self.seed, self.real = int(patch_size), int(seed), real
         self.schedule = SubjectSchedule(cfg.seed, cfg.pool_size, cfg.new_every)
-        self.pool = SubjectPool(self.schedule, cfg.phantom_config(), threads=cfg.gen_threads)
+        self.pool = SubjectPool(self.schedule, cfg.phantom_config(), threads=cfg.gen_threads, source=cfg.source)
         names = sorted(cfg.appearances)
         w = torch.tensor([float(cfg.appearances[n]) for n in names], dtype=torch.float64)
         self._families, self._weights = names, w / w.sum()
@@ -337,7 +340,7 @@ class StreamViews(torch.utils.data.Dataset):
 
     def describe(self) -> dict:
         c = self.cfg
-        d = {"kind": "phantom-stream", "stream_seed": c.seed, "pool_size": c.pool_size, "new_every": c.new_every,
+        d = {"kind": "phantom-stream", "source": c.source, "stream_seed": c.seed, "pool_size": c.pool_size, "new_every": c.new_every,
              "spacing_mm": c.spacing_mm, "shape": list(c.shape), "appearances": dict(c.appearances)}
         if self.real is not None:
             d["real"] = self.real.source.describe()

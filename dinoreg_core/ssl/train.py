@@ -69,13 +69,14 @@ from .heads import DINOHead, cancel_last_layer_grads
 from .losses import Center, dino_cls_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
 from .meta import SSLNet
 from .schedules import cosine, warmup_constant, warmup_cosine
+from .select import ValConfig, ValLog, validate_and_select, validation_pairs
 
 STREAM_ONLY = "stream"           # --data value: streamed phantom subjects only (stream.enabled), no scans
 
 LOG_FIELDS = ["step", "samples", "loss", "dino_loss", "ibot_loss", "dense_loss", "contrast_loss", "koleo_loss", "lr",
               "weight_decay", "momentum", "teacher_temp", "grad_norm", "teacher_entropy", "teacher_marginal_entropy",
               "patch_entropy", "patch_marginal_entropy", "cls_std", "patch_std", "contrast_top1", "mask_ratio",
-              "sec_per_step"]
+              "sec_per_step", "val_dice", "val_dice_ctct", "val_dice_mrmr", "val_dice_mrct"]
 
 
 @dataclass
@@ -142,6 +143,8 @@ class PretrainConfig:
     device: str = "auto"                       # "auto", "cpu", "cuda"
     threads: int = 0                           # torch CPU threads per process (0: torch's default)
     ckpt_every: int = 500                      # steps between checkpoints (the last step always saves)
+    val: ValConfig = field(default_factory=ValConfig)  # checkpoint selection by registration (ssl/select.py):
+                                               # every val.every steps the teacher registers the validation pairs
     snapshot_every: int = 0                    # >0: also export the teacher backbone every so many steps to
                                                #     RUN_DIR/snapshots/step_NNNNNN.* (for selection afterwards)
     log_every: int = 10                        # steps between log rows
@@ -170,6 +173,10 @@ class PretrainConfig:
             raise DinoregError(f"The mask ratios {self.mask_ratio_min}..{self.mask_ratio_max} must lie in [0, 1].")
         if self.stream.enabled:
             self.stream.check()
+        self.val.check()
+        if self.val.every > 0 and self.val.every % self.log_every:
+            raise DinoregError(f"val.every={self.val.every} must be a multiple of log_every={self.log_every} (the "
+                               f"Dice is logged beside the losses).")
         if self.snapshot_every < 0:
             raise DinoregError(f"snapshot_every={self.snapshot_every} must be 0 (off) or a number of steps.")
 
@@ -511,6 +518,8 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
                                          num_workers=cfg.num_workers,   # own generator: keeps the global RNG
                                          generator=torch.Generator().manual_seed(cfg.seed))  # stream untouched
     log = CsvLog(out / "log.csv", step) if master else None
+    val_pairs = validation_pairs(cfg.val) if (master and cfg.val.every > 0) else []
+    val_log = ValLog(out / "val_log.csv", step) if val_pairs else None
     bar = tqdm(total=cfg.steps, initial=step, disable=not (master and cfg.progress), desc="pretrain", unit="step")
     G, L = cfg.augment.n_global, cfg.augment.n_local
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
@@ -595,7 +604,13 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         step += 1
         samples += cfg.batch_size
 
-        # 6. log and checkpoint
+        # 6. validation by registration (rank 0; its seeding of the global RNGs is undone), log and checkpoint
+        val_row = {}
+        if val_log is not None and step % cfg.val.every == 0:
+            state = rng_state()
+            w = export_teacher(out / "snapshots" / f"step_{step:06d}")
+            val_row = validate_and_select(out, step, w, val_pairs, val_log, cfg.val.register)
+            set_rng_state(state)
         if step % cfg.log_every == 0 or step == end:
             with torch.no_grad():
                 stats = torch.tensor([loss.item(), float(dino), float(ibot), float(dense_loss),
@@ -613,7 +628,8 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
                                  "patch_std", "mask_ratio"], stats.tolist()))
             last_row.update(step=step, samples=samples, lr=lr, weight_decay=wd, momentum=momentum,
                             teacher_temp=teacher_temp, grad_norm=float(grad_norm),
-                            sec_per_step=(now - t_last) / cfg.log_every)
+                            sec_per_step=(now - t_last) / cfg.log_every,
+                            **{k: v for k, v in val_row.items() if k.startswith("val_dice")})
             t_last = now
             if master:
                 log.write(last_row)
@@ -621,7 +637,7 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         bar.update(1)
         if step % cfg.ckpt_every == 0 or step == end:
             save_checkpoint()
-        if master and cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0:
+        if master and cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0 and not val_row:
             export_teacher(out / "snapshots" / f"step_{step:06d}")
     bar.close()
 
