@@ -163,7 +163,7 @@ def _streams(seed: int, n: int) -> list[np.random.Generator]:
 
 
 def generate_subject(seed: int, cfg: PhantomConfig | None = None, *, with_mr: bool = True,
-                     mr_contrast: str | None = None, ct_phase: str | None = None) -> dict:
+                     mr_contrast: str | None = None, ct_phase: str | None = None, images: bool = True) -> dict:
     """Generate one synthetic subject in memory.
 
     Args:
@@ -172,6 +172,8 @@ def generate_subject(seed: int, cfg: PhantomConfig | None = None, *, with_mr: bo
         with_mr: also make an MR of the same anatomy in another breathing state and pose.
         mr_contrast: "t1" or "t2" (default: drawn from ``cfg.mr_contrasts``).
         ct_phase: "native", "arterial" or "portal" (default: drawn from ``cfg.ct_phases``).
+        images: False: no CT or MR rendering (``ct`` / ``mr`` are None); the maps are the same as with True
+            (the renderers draw from their own random streams), for callers that render the tissue map themselves.
 
     Returns:
         dict with
@@ -198,7 +200,8 @@ def generate_subject(seed: int, cfg: PhantomConfig | None = None, *, with_mr: bo
         f = coordinate_field(shape, sp, anat, noise, pose_ct)
         tissue, labels = rasterize(anat, noise, f)
         del f
-        ct, ct_info = render_ct(tissue, r_ct, sp, phase)
+        ct, ct_info = render_ct(tissue, r_ct, sp, phase) if images else (None, {"noise_hu": None, "blur_mm": None,
+                                                                                "means": np.zeros(len(TISSUES))})
         out = dict(ct=ct, labels=labels.numpy(), mask=(tissue > 0).numpy().astype(np.uint8), tissue=tissue.numpy(),
                    affine=grid_affine(shape, sp), spacing=sp, tissue_names=TISSUES)
         meta = dict(seed=int(seed), ct_phase=phase, ct_breath_mm=b_ct, ct_fov_centre_mm=centre.tolist(),
@@ -218,7 +221,8 @@ def generate_subject(seed: int, cfg: PhantomConfig | None = None, *, with_mr: bo
             f = coordinate_field(shape, sp, anat, noise, pose_mr, extra=extra)
             mr_tissue, mr_labels = rasterize(anat, noise, f)
             del f
-            mr, mr_info = render_mr(mr_tissue, r_mr, sp, contrast)
+            mr, mr_info = render_mr(mr_tissue, r_mr, sp, contrast) if images else (
+                None, {"bias_sd": None, "noise_sd": None, "means": np.zeros(len(TISSUES))})
             out.update(mr=mr, mr_labels=mr_labels.numpy(), mr_mask=(mr_tissue > 0).numpy().astype(np.uint8),
                        mr_tissue=mr_tissue.numpy())
             meta.update(mr_contrast=contrast, mr_breath_mm=b_mr, mr_fov_centre_mm=c_mr.tolist(),

@@ -29,13 +29,14 @@ from __future__ import annotations
 import os
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data.augment import AugmentConfig, make_views
+from ..data.render import RenderConfig, check_families
 from ..errors import DinoregError
 from .masking import random_block_mask
 
@@ -235,11 +236,162 @@ def collate_views(samples: list[dict]) -> dict:
     """Stack samples view-major: (B, V, ...) -> (V*B, ...), so ``x.chunk(V)`` splits by view.
 
     Returns "teacher_global", "student_global" (G*B,1,S,S,S), "student_flips" (G*B,3), "global_boxes"
-    (G*B,2,3), "masks" (G*B,N), "local" (L*B,1,s,s,s) and "volumes" (B,) long.
+    (G*B,2,3), "masks" (G*B,N), "local" (L*B,1,s,s,s) and "volumes" (B,) long; from :class:`StreamViews` also
+    "spacing_mm" (B,) float64 and "families" (B,2) long.
     """
     out = {}
     for key in ("teacher_global", "student_global", "student_flips", "global_boxes", "masks", "local"):
         x = torch.stack([s[key] for s in samples])             # (B, V, ...)
         out[key] = x.transpose(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
     out["volumes"] = torch.tensor([s["volume"] for s in samples], dtype=torch.long)
+    if "spacing_mm" in samples[0]:                                       # streamed samples (StreamViews)
+        out["spacing_mm"] = torch.tensor([s["spacing_mm"] for s in samples], dtype=torch.float64)
+        out["families"] = torch.stack([s["families"] for s in samples])
     return out
+
+
+# ------------------------------------------------------------------------------------- streamed phantom views
+
+def _default_appearances() -> dict:
+    return {"random": 0.6, "ct": 0.2, "mr": 0.2}
+
+
+@dataclass
+class StreamConfig:
+    """Streamed phantom subjects rendered with two independent appearances (see :class:`StreamViews`).
+
+    Lengths: ``spacing_mm`` is the phantom grid (mm); ``spacing_range_mm`` the physical voxel size of the crops
+    the network sees (log-uniform per sample), so a crop of ``augment.global_size`` voxels covers
+    ``global_size * spacing`` mm.
+    """
+
+    enabled: bool = False                    # False: views come from --data as before
+    source: str = "phantom"                  # subjects: "phantom" (anatomy) or "shapes" (random label ensembles)
+    seed: int = 14_001                       # stream seed (dinoreg_core.data.cohorts.ROLE_SEEDS["pretrain"])
+    pool_size: int = 32                      # subjects usable at a time; no subject repeats in a block of this many
+    new_every: int = 16                      # samples per new subject (pool turnover; generation cost ~4 s/subject)
+    gen_threads: int = 1                     # background threads generating subjects
+    spacing_mm: float = 3.0                  # phantom grid spacing (mm)
+    shape: tuple = (128, 104, 112)           # phantom grid (voxels)
+    spacing_range_mm: tuple = (2.0, 4.0)     # crop voxel size (mm), log-uniform per sample
+    region_scale: float = 1.25               # every crop of a sample lies in a box of crop edge * region_scale
+    max_air_fraction: float = 0.7            # redraw a region (up to 3 times) with more air than this
+    appearances: dict = field(default_factory=_default_appearances)  # family -> weight (data.render.FAMILIES)
+    second_appearance_prob: float = 1.0      # student's view in the other appearance (else the teacher's)
+    real_ratio: float = 0.0                  # fraction of samples drawn from --data (real scans) instead
+    render: RenderConfig = field(default_factory=RenderConfig)
+
+    def __post_init__(self):
+        self.shape = tuple(int(v) for v in self.shape)
+        self.spacing_range_mm = tuple(float(v) for v in self.spacing_range_mm)
+
+    def check(self) -> None:
+        check_families(self.appearances)
+        lo, hi = self.spacing_range_mm
+        if not 0 < lo <= hi:
+            raise DinoregError(f"stream.spacing_range_mm={self.spacing_range_mm} must be two sizes 0 < lo <= hi (mm).")
+        if not 0.0 <= self.real_ratio <= 1.0:
+            raise DinoregError(f"stream.real_ratio={self.real_ratio} must lie in [0, 1].")
+        if self.source not in ("phantom", "shapes"):
+            raise DinoregError(f"stream.source='{self.source}' is not known; use 'phantom' or 'shapes'.")
+        if self.region_scale < 1.0:
+            raise DinoregError(f"stream.region_scale={self.region_scale} must be at least 1.")
+
+    def phantom_config(self):
+        from ..data.phantom import PhantomConfig
+
+        return PhantomConfig(shape=self.shape, spacing_mm=self.spacing_mm, seed=self.seed, threads=1, workers=1)
+
+
+class StreamViews(torch.utils.data.Dataset):
+    """Global sample index -> views of a streamed phantom subject under two appearances (pure in (seed, index)).
+
+    Sample i: subject k from :class:`dinoreg_core.data.stream.SubjectSchedule`; a crop voxel size s (mm,
+    log-uniform in ``spacing_range_mm``), so every crop box has an edge of about ``global_size * s / spacing_mm``
+    phantom voxels (the aspect jitter of ``augment.max_aspect`` keeps the geometric mean); a region of
+    ``region_scale`` times that edge (the crops of the sample lie in it); two renderings of the region's tissue
+    map with independently drawn families and seeds (:func:`dinoreg_core.data.render.render`); then
+    :func:`dinoreg_core.data.augment.make_views` with the second rendering as the "partner", so the teacher sees
+    one appearance and the student (with ``second_appearance_prob``) the other, at the same box, flipped and
+    intensity-augmented as before. With ``real_ratio > 0`` a sample is drawn from ``real`` (a
+    :class:`PretrainViews`) instead, with that probability.
+
+    Extra keys: "volume" (the stream subject k, or -1 - volume index for a real sample), "spacing_mm" (s; NaN for
+    a real sample), "families" (the two appearance families, as indices into data.render.FAMILIES).
+    """
+
+    def __init__(self, cfg: StreamConfig, augment: AugmentConfig, masks: MaskConfig, patch_size: int, seed: int,
+                 real: PretrainViews | None = None):
+        from ..data.stream import SubjectPool, SubjectSchedule
+
+        cfg.check()
+        if cfg.real_ratio > 0 and real is None:
+            raise DinoregError("stream.real_ratio > 0 needs real scans: pass them with --data.")
+        self.cfg, self.augment, self.masks = cfg, augment, masks
+        self.patch_size, self.seed, self.real = int(patch_size), int(seed), real
+        self.schedule = SubjectSchedule(cfg.seed, cfg.pool_size, cfg.new_every)
+        self.pool = SubjectPool(self.schedule, cfg.phantom_config(), threads=cfg.gen_threads, source=cfg.source)
+        names = sorted(cfg.appearances)
+        w = torch.tensor([float(cfg.appearances[n]) for n in names], dtype=torch.float64)
+        self._families, self._weights = names, w / w.sum()
+
+    def __len__(self) -> int:
+        return 2 ** 62
+
+    def describe(self) -> dict:
+        c = self.cfg
+        d = {"kind": "phantom-stream", "source": c.source, "stream_seed": c.seed, "pool_size": c.pool_size, "new_every": c.new_every,
+             "spacing_mm": c.spacing_mm, "shape": list(c.shape), "appearances": dict(c.appearances)}
+        if self.real is not None:
+            d["real"] = self.real.source.describe()
+            d["real_ratio"] = c.real_ratio
+        return d
+
+    def _family(self, g: torch.Generator) -> str:
+        return self._families[int(torch.multinomial(self._weights, 1, generator=g))]
+
+    def _masks(self, g: torch.Generator) -> torch.Tensor:
+        grid = (self.augment.global_size // self.patch_size,) * 3
+        m = self.masks
+        return torch.stack([random_block_mask(grid, g, ratio_min=m.ratio_min, ratio_max=m.ratio_max,
+                                              probability=m.probability, min_block=m.min_block)
+                            for _ in range(self.augment.n_global)])
+
+    def __getitem__(self, i: int) -> dict:
+        import math
+        from dataclasses import replace
+
+        from ..data.render import FAMILIES, render
+
+        c, a = self.cfg, self.augment
+        g = torch.Generator().manual_seed(sample_seed(self.seed, int(i), salt=4))
+        if c.real_ratio > 0 and float(torch.rand((), generator=g)) < c.real_ratio:
+            views = self.real[int(i)]
+            views["volume"] = -1 - int(views["volume"])
+            views["spacing_mm"] = float("nan")
+            views["families"] = torch.tensor([-1, -1])
+            return views
+        k, tissue = self.pool.get(int(i))
+        lo, hi = c.spacing_range_mm
+        s = math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * float(torch.rand((), generator=g)))
+        zoom = s / c.spacing_mm
+        edge = a.global_size * zoom * a.max_aspect
+        size = [min(n, int(math.ceil(edge * c.region_scale))) for n in tissue.shape]
+        for _ in range(3):                                                   # avoid regions of mostly air
+            start = [int(torch.randint(n - e + 1, (), generator=g)) for n, e in zip(tissue.shape, size)]
+            region = tissue[start[0]:start[0] + size[0], start[1]:start[1] + size[1], start[2]:start[2] + size[2]]
+            if float((region == 0).float().mean()) <= c.max_air_fraction:
+                break
+        fa, fb = self._family(g), self._family(g)
+        sa, sb = (int(torch.randint(2 ** 62, (), generator=g)) for _ in range(2))
+        img_a = render(region, sa, fa, spacing_mm=c.spacing_mm, cfg=c.render)
+        img_b = render(region, sb, fb, spacing_mm=c.spacing_mm, cfg=c.render)
+        aug = replace(a, global_zoom=(zoom, zoom), local_zoom=(zoom, zoom), region_size=None,
+                      partner_prob=c.second_appearance_prob)
+        views = make_views(img_a, aug, g, partner=img_b)
+        views["global_boxes"][:, 0] += torch.tensor(start, dtype=torch.float32)   # boxes in subject voxels
+        views["masks"] = self._masks(g)
+        views["volume"] = int(k)
+        views["spacing_mm"] = float(s)
+        views["families"] = torch.tensor([FAMILIES.index(fa), FAMILIES.index(fb)])
+        return views

@@ -62,17 +62,21 @@ from ..data.augment import AugmentConfig
 from ..errors import DinoregError
 from ..models.vit3d import CONFIGS, ViT3D, ViT3DConfig
 from . import dist as D
-from .data import MaskConfig, PretrainViews, StepBatchSampler, VolumeSource, collate_views, sample_seed
+from .data import (MaskConfig, PretrainViews, StepBatchSampler, StreamConfig, StreamViews, VolumeSource,
+                   collate_views, sample_seed)
 from .dense import DenseProjector, dense_correspondence_loss
 from .heads import DINOHead, cancel_last_layer_grads
 from .losses import Center, dino_cls_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
 from .meta import SSLNet
 from .schedules import cosine, warmup_constant, warmup_cosine
+from .select import ValConfig, ValLog, validate_and_select, validation_pairs
+
+STREAM_ONLY = "stream"           # --data value: streamed phantom subjects only (stream.enabled), no scans
 
 LOG_FIELDS = ["step", "samples", "loss", "dino_loss", "ibot_loss", "dense_loss", "contrast_loss", "koleo_loss", "lr",
               "weight_decay", "momentum", "teacher_temp", "grad_norm", "teacher_entropy", "teacher_marginal_entropy",
               "patch_entropy", "patch_marginal_entropy", "cls_std", "patch_std", "contrast_top1", "mask_ratio",
-              "sec_per_step"]
+              "sec_per_step", "val_dice", "val_dice_ctct", "val_dice_mrmr", "val_dice_mrct"]
 
 
 @dataclass
@@ -117,6 +121,8 @@ class PretrainConfig:
     # views (crop sizes must be multiples of the patch size)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # data
+    stream: StreamConfig = field(default_factory=StreamConfig)  # streamed phantom subjects, two appearances per
+                                               # sample (enabled: --data may be "stream" = no real scans)
     spacing_mm: float = 2.0                    # resampling of NIfTI / dataset sources (corpus volumes: as cached)
     cache_volumes: int = 64                    # volumes kept in memory per data process
     num_workers: int = 0                       # DataLoader worker processes (0: views made in the main process)
@@ -137,6 +143,10 @@ class PretrainConfig:
     device: str = "auto"                       # "auto", "cpu", "cuda"
     threads: int = 0                           # torch CPU threads per process (0: torch's default)
     ckpt_every: int = 500                      # steps between checkpoints (the last step always saves)
+    val: ValConfig = field(default_factory=ValConfig)  # checkpoint selection by registration (ssl/select.py):
+                                               # every val.every steps the teacher registers the validation pairs
+    snapshot_every: int = 0                    # >0: also export the teacher backbone every so many steps to
+                                               #     RUN_DIR/snapshots/step_NNNNNN.* (for selection afterwards)
     log_every: int = 10                        # steps between log rows
     steps_per_run: int = 0                     # >0: this invocation stops (with a checkpoint) after so many steps;
                                                #     --resume continues (time-sliced jobs); 0: run to ``steps``
@@ -161,6 +171,14 @@ class PretrainConfig:
             raise DinoregError(f"steps={self.steps} and batch_size={self.batch_size} must both be at least 1.")
         if not 0.0 <= self.mask_ratio_min <= self.mask_ratio_max <= 1.0:
             raise DinoregError(f"The mask ratios {self.mask_ratio_min}..{self.mask_ratio_max} must lie in [0, 1].")
+        if self.stream.enabled:
+            self.stream.check()
+        self.val.check()
+        if self.val.every > 0 and self.val.every % self.log_every:
+            raise DinoregError(f"val.every={self.val.every} must be a multiple of log_every={self.log_every} (the "
+                               f"Dice is logged beside the losses).")
+        if self.snapshot_every < 0:
+            raise DinoregError(f"snapshot_every={self.snapshot_every} must be 0 (off) or a number of steps.")
 
     def model_config(self) -> ViT3DConfig:
         base = CONFIGS[self.model]
@@ -359,9 +377,19 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
 
     # ---- data: global sample index -> views (pure function of (seed, index))
     vit_cfg = cfg.model_config()
-    source = VolumeSource(data, spacing_mm=cfg.spacing_mm)
     masks_cfg = MaskConfig(cfg.mask_ratio_min, cfg.mask_ratio_max, cfg.mask_probability)
-    dataset = PretrainViews(source, cfg.augment, masks_cfg, vit_cfg.patch_size, cfg.seed, cfg.cache_volumes)
+    if str(data) == STREAM_ONLY and not cfg.stream.enabled:
+        raise DinoregError(f"--data {STREAM_ONLY} needs stream.enabled=true (streamed phantom subjects).")
+    real = None
+    if str(data) != STREAM_ONLY:
+        source = VolumeSource(data, spacing_mm=cfg.spacing_mm)
+        real = PretrainViews(source, cfg.augment, masks_cfg, vit_cfg.patch_size, cfg.seed, cfg.cache_volumes)
+    if cfg.stream.enabled:
+        dataset = StreamViews(cfg.stream, cfg.augment, masks_cfg, vit_cfg.patch_size, cfg.seed,
+                              real=real if cfg.stream.real_ratio > 0 else None)
+    else:
+        dataset = real
+    describe_data = dataset.describe if cfg.stream.enabled else dataset.source.describe
 
     # ---- student, teacher (EMA copy, no gradients), centers, optimiser, grad scaler
     student = build_net(cfg, replace(vit_cfg, drop_path_rate=cfg.drop_path_rate)).to(device)
@@ -391,8 +419,8 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
             set_rng_state(ck["rng"][rank])
         if master:
             print(f"dinoreg pretrain: resumed {ckpt_path} at step {step}", file=sys.stderr)
-            if ck.get("data") != source.describe():
-                print(f"dinoreg pretrain: warning: the data {source.describe()} differ from the checkpoint's "
+            if ck.get("data") != describe_data():
+                print(f"dinoreg pretrain: warning: the data {describe_data()} differ from the checkpoint's "
                       f"{ck.get('data')}; the sample stream continues on the new data", file=sys.stderr)
             if len(ck["rng"]) != world:
                 print(f"dinoreg pretrain: warning: {world} processes now, {len(ck['rng'])} before; RNG states "
@@ -404,12 +432,19 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         rngs = D.gather_objects(rng_state())
         if master:
             state = {"step": step, "samples": samples, "world_size": world, "config": config_to_dict(cfg),
-                     "data": source.describe(),
+                     "data": describe_data(),
                      "student": student.state_dict(), "teacher": teacher.state_dict(),
                      "dino_center": dino_center.state_dict(), "ibot_center": ibot_center.state_dict(),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs}
             with atomic_path(ckpt_path) as tmp:
                 torch.save(state, tmp)
+
+    def export_teacher(stem: Path) -> Path:
+        from ..models.checkpoint import save_backbone
+
+        prov = {"data": describe_data(), "steps": step, "samples": samples, "seed": cfg.seed, "world_size": world,
+                "run_dir": str(out.resolve()), "pretrain_config": config_to_dict(cfg), "final_log": last_row}
+        return save_backbone(teacher.backbone, vit_cfg, stem, prov)
 
     def targets(logits: torch.Tensor, center: Center, temp: float, weights=None) -> torch.Tensor:
         if cfg.centering == "sinkhorn":
@@ -422,6 +457,8 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
                                          num_workers=cfg.num_workers,   # own generator: keeps the global RNG
                                          generator=torch.Generator().manual_seed(cfg.seed))  # stream untouched
     log = CsvLog(out / "log.csv", step) if master else None
+    val_pairs = validation_pairs(cfg.val) if (master and cfg.val.every > 0) else []
+    val_log = ValLog(out / "val_log.csv", step) if val_pairs else None
     bar = tqdm(total=cfg.steps, initial=step, disable=not (master and cfg.progress), desc="pretrain", unit="step")
     G, L = cfg.augment.n_global, cfg.augment.n_local
     autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
@@ -506,7 +543,13 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         step += 1
         samples += cfg.batch_size
 
-        # 6. log and checkpoint
+        # 6. validation by registration (rank 0; its seeding of the global RNGs is undone), log and checkpoint
+        val_row = {}
+        if val_log is not None and step % cfg.val.every == 0:
+            state = rng_state()
+            w = export_teacher(out / "snapshots" / f"step_{step:06d}")
+            val_row = validate_and_select(out, step, w, val_pairs, val_log, cfg.val.register)
+            set_rng_state(state)
         if step % cfg.log_every == 0 or step == end:
             with torch.no_grad():
                 stats = torch.tensor([loss.item(), float(dino), float(ibot), float(dense_loss),
@@ -524,7 +567,8 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
                                  "patch_std", "mask_ratio"], stats.tolist()))
             last_row.update(step=step, samples=samples, lr=lr, weight_decay=wd, momentum=momentum,
                             teacher_temp=teacher_temp, grad_norm=float(grad_norm),
-                            sec_per_step=(now - t_last) / cfg.log_every)
+                            sec_per_step=(now - t_last) / cfg.log_every,
+                            **{k: v for k, v in val_row.items() if k.startswith("val_dice")})
             t_last = now
             if master:
                 log.write(last_row)
@@ -532,18 +576,15 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         bar.update(1)
         if step % cfg.ckpt_every == 0 or step == end:
             save_checkpoint()
+        if master and cfg.snapshot_every > 0 and step % cfg.snapshot_every == 0 and not val_row:
+            export_teacher(out / "snapshots" / f"step_{step:06d}")
     bar.close()
 
     # ---- export the teacher backbone
     result = {"run_dir": str(out), "step": step, "samples": samples, "world_size": world, "rank": rank,
               "last": last_row}
     if step >= cfg.steps and master:
-        from ..models.checkpoint import save_backbone
-
-        prov = {"data": source.describe(), "steps": step, "samples": samples, "seed": cfg.seed,
-                "world_size": world, "run_dir": str(out.resolve()), "pretrain_config": config_to_dict(cfg),
-                "final_log": last_row}
-        result["export"] = str(save_backbone(teacher.backbone, vit_cfg, out / "teacher_backbone", prov))
+        result["export"] = str(export_teacher(out / "teacher_backbone"))
     if log is not None:
         log.close()
     D.barrier()
