@@ -345,13 +345,13 @@ def method_options(args) -> dict:
         opts["dinov2"] = {"feat.weights": args.dinov2_weights}
     if args.unigradicon_weights:
         opts["unigradicon"]["weights"] = args.unigradicon_weights
-    for item in args.set or []:
-        key, _, value = item.partition("=")
+    from dinoreg_core.settings import parse_assignments, parse_literal
+
+    for key, value in parse_assignments(args.set):
         meth, _, name = key.partition(".")
         if meth not in opts or not name:
-            raise SystemExit(f"--set {item}: expected METHOD.NAME=VALUE with METHOD in {', '.join(ALL_METHODS)}")
-        opts[meth][name] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false", "null") \
-            else value
+            raise SystemExit(f"--set {key}={value}: expected METHOD.NAME=VALUE with METHOD in {', '.join(ALL_METHODS)}")
+        opts[meth][name] = parse_literal(value, key)
     return opts
 
 

@@ -54,7 +54,6 @@ def setup_logging(verbosity: int = 0) -> logging.Logger:
         h.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(h)
     log.setLevel(logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO)
-    log.propagate = False
     return log
 
 

@@ -234,7 +234,7 @@ def test_official_pth_mapping_gives_identical_outputs(tmp_path, registers, swigl
     pth = tmp_path / "dinov2_tiny_pretrain.pth"
     torch.save({"module." + k: v for k, v in official.items()} if registers else official, pth)
 
-    loaded = dv.load_backbone(dv.Dinov2SliceConfig(weights=str(pth), num_heads=2))
+    loaded = dv.load_dinov2_model(dv.Dinov2SliceConfig(weights=str(pth), num_heads=2))
     assert type(loaded) is type(model)
     assert loaded.config.num_hidden_layers == 2 and loaded.config.image_size == 56
 
@@ -305,15 +305,15 @@ def test_bad_checkpoint_and_options(tmp_path, tiny_dir):
     bad = tmp_path / "not_dinov2.pth"
     torch.save({"weight": torch.zeros(3)}, bad)
     with pytest.raises(DinoregError, match="not an official DINOv2"):
-        dv.load_backbone(dv.Dinov2SliceConfig(weights=str(bad)))
+        dv.load_dinov2_model(dv.Dinov2SliceConfig(weights=str(bad)))
     model = _randomise(Dinov2Model(Dinov2Config(**TINY)), 2)
     pth = tmp_path / "tiny.pth"
     torch.save(_hf_to_official(model.state_dict()), pth)
     with pytest.raises(DinoregError, match="does not match arch='vitl14'"):
-        dv.load_backbone(dv.Dinov2SliceConfig(weights=str(pth), arch="vitl14", num_heads=2))
+        dv.load_dinov2_model(dv.Dinov2SliceConfig(weights=str(pth), arch="vitl14", num_heads=2))
     with pytest.raises(DinoregError, match="num_heads"):
-        dv.load_backbone(dv.Dinov2SliceConfig(weights=str(pth), num_heads=3))
+        dv.load_dinov2_model(dv.Dinov2SliceConfig(weights=str(pth), num_heads=3))
     with pytest.raises(DinoregError, match="slice_axis"):
         dv.extract_dinov2_features(torch.rand(1, 1, 4, 4, 4), options=_opts(tiny_dir, slice_axis=3))
     with pytest.raises(DinoregError, match="no config.json"):
-        dv.load_backbone(dv.Dinov2SliceConfig(weights=str(tmp_path)))
+        dv.load_dinov2_model(dv.Dinov2SliceConfig(weights=str(tmp_path)))

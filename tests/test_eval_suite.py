@@ -47,12 +47,13 @@ def test_dataset_and_task_errors(tmp_path, cohort):
         suite.pretrain_or_shipped("maybe", None, tmp_path)
 
 
-def test_method_status_and_settings(tmp_path, capsys):
-    st = suite.method_status(["intensity", "mind", "dino3d", "nope"], {"dino3d": {"weights": str(tmp_path / "w")}})
+def test_method_status_and_settings(tmp_path, caplog):
+    st = suite.method_status(["intensity", "mind", "dino3d", "nope"], {"dino3d": {"feat.weights": str(tmp_path / "w")}})
     assert st["intensity"] is None and st["mind"] is None
-    assert "does not exist" in st["dino3d"] and "Unknown feature method 'nope'" in st["nope"]
+    assert "does not exist" in st["dino3d"] and "Unknown registration method 'nope'" in st["nope"]
+    assert "Unknown mind feature option 'weights'" in suite.method_status(["mind"], {"mind": {"feat.weights": "w"}})["mind"]
     ok = suite.usable_methods(["mind", "nope"])
-    assert ok == ["mind"] and "left out nope" in capsys.readouterr().out
+    assert ok == ["mind"] and "left out nope" in caplog.text
     with pytest.raises(DinoregError, match="None of the methods nope"):
         suite.usable_methods(["nope"], verbose=False)
     s = suite.with_weights({"mind": {"grid_sp": 4}}, dino3d="w.safetensors")

@@ -38,7 +38,7 @@ import math
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -530,8 +530,3 @@ class CorpusDataset:
     def __getitem__(self, i: int):
         e = self.entries[i]
         return load_corpus_volume(e, mmap=self.mmap), e
-
-
-def entry_as_dict(entry: CorpusEntry) -> dict:
-    """A :class:`CorpusEntry` as a plain dict (for JSON output)."""
-    return asdict(entry)

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 from .. import settings
-from ..errors import DinoregError
+from ..lazy_registry import LazyRegistry
 
 
 @dataclass(frozen=True)
@@ -47,8 +47,6 @@ class FeatureMethod:
     description: str
     options: type | None = None  # dataclass of the method's options (None: not declared, keys not checked)
 
-
-_REGISTRY: dict[str, FeatureMethod] = {}
 
 # method name -> module that registers it on import
 _BUILTIN: dict[str, str] = {
@@ -68,25 +66,22 @@ _BUILTIN_OPTIONS: dict[str, str] = {
 }
 
 
+_TABLE = LazyRegistry("feature method", _BUILTIN)
+
+
 def register_feature_method(method: FeatureMethod) -> FeatureMethod:
-    """Add ``method`` to the registry (replacing a method of the same name)."""
-    _REGISTRY[method.name] = method
-    return method
+    """Add ``method`` to the table (replacing a method of the same name)."""
+    return _TABLE.add(method)
 
 
 def available_feature_methods() -> list[str]:
     """Names of all methods that can be looked up (built-in and registered)."""
-    return sorted(set(_BUILTIN) | set(_REGISTRY))
+    return _TABLE.names()
 
 
 def get_feature_method(name: str) -> FeatureMethod:
     """Look a method up by name; raises :class:`DinoregError` naming the available ones if unknown."""
-    if name not in _REGISTRY and name in _BUILTIN:
-        importlib.import_module(_BUILTIN[name])
-    if name not in _REGISTRY:
-        raise DinoregError(
-            f"Unknown feature method '{name}'; available: {', '.join(available_feature_methods())}.")
-    return _REGISTRY[name]
+    return _TABLE.get(name)
 
 
 def options_class(name: str) -> type | None:

@@ -315,7 +315,7 @@ def _no_weights_error(tried: str, arch: str) -> DinoregError:
         f"is true.")
 
 
-def load_backbone(cfg: Dinov2SliceConfig) -> torch.nn.Module:
+def load_dinov2_model(cfg: Dinov2SliceConfig) -> torch.nn.Module:
     """Return a frozen Hugging Face Dinov2Model / Dinov2WithRegistersModel in eval mode (on CPU).
 
     Raises :class:`DinoregError` (one sentence) if transformers is missing or no weights can be found.
@@ -500,5 +500,5 @@ def _cached_backbone(cfg: Dinov2SliceConfig) -> torch.nn.Module:
     key = (cfg.weights or os.environ.get(WEIGHTS_ENV), cfg.arch, cfg.num_heads, cfg.cache_dir)
     if key not in _BACKBONE_CACHE:
         _BACKBONE_CACHE.clear()  # keep one model in memory at most
-        _BACKBONE_CACHE[key] = load_backbone(cfg)
+        _BACKBONE_CACHE[key] = load_dinov2_model(cfg)
     return _BACKBONE_CACHE[key]

@@ -122,9 +122,9 @@ def _check(features: str):
 
                 resolve_weights(opts.feature_options)
             elif features == "dinov2":
-                from ..models.dinov2_slices import Dinov2SliceConfig, load_backbone
+                from ..models.dinov2_slices import Dinov2SliceConfig, load_dinov2_model
 
-                load_backbone(Dinov2SliceConfig.from_options(opts.feature_options))
+                load_dinov2_model(Dinov2SliceConfig.from_options(opts.feature_options))
         except (DinoregError, ImportError) as e:
             return " ".join(str(e).split())
         return None

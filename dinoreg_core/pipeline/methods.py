@@ -19,10 +19,9 @@ its border values, returned as a :class:`Displacement`.
 
 from __future__ import annotations
 
-import importlib
-
 from ..errors import DinoregError
-from ..features.registry import available_feature_methods, get_feature_method
+from ..features.registry import available_feature_methods
+from ..lazy_registry import LazyRegistry
 from .displacement import Displacement, RegistrationMethod, RegistrationOutput, embed, zero_displacement
 from .feature_path import feature_registration_method
 
@@ -31,37 +30,29 @@ __all__ = ["Displacement", "RegistrationMethod", "RegistrationOutput", "embed", 
            "method_status"]
 
 
-_REGISTRY: dict[str, RegistrationMethod] = {}
-
-# peer name -> module that registers it on import
+# peer name -> module that registers it on import; every feature method is a registration method too
 _PEERS: dict[str, str] = {
     "ants": "dinoreg_core.peers.ants",
     "convexadam_official": "dinoreg_core.peers.convexadam_official",
     "unigradicon": "dinoreg_core.peers.unigradicon",
 }
+_REGISTRY = LazyRegistry("registration method", _PEERS, extra_names=available_feature_methods,
+                         make=feature_registration_method)
 
 
 def register_registration_method(method: RegistrationMethod) -> RegistrationMethod:
     """Add ``method`` to the registry (replacing a method of the same name)."""
-    _REGISTRY[method.name] = method
-    return method
+    return _REGISTRY.add(method)
 
 
 def available_registration_methods() -> list[str]:
     """Names of all methods that can be looked up (whether or not their packages/weights are present)."""
-    return sorted(set(available_feature_methods()) | set(_PEERS) | set(_REGISTRY))
+    return _REGISTRY.names()
 
 
 def get_registration_method(name: str) -> RegistrationMethod:
     """Look a method up by name; raises :class:`DinoregError` naming the known ones if unknown."""
-    if name not in _REGISTRY and name in _PEERS:
-        importlib.import_module(_PEERS[name])
-    if name not in _REGISTRY and name in available_feature_methods():
-        get_feature_method(name)
-        register_registration_method(feature_registration_method(name))
-    if name not in _REGISTRY:
-        raise DinoregError(f"Unknown registration method '{name}'; known: {', '.join(available_registration_methods())}.")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def method_status(methods, options: dict | None = None) -> dict[str, str | None]:

@@ -49,9 +49,8 @@ def write(out: str | os.PathLike, pair: AlignedPair, disp: Displacement, metrics
     if metrics.warped_labels is not None:
         files["warped_labels"] = io.save_labels(metrics.warped_labels, f, out / "warped_labels.nii.gz")
     try:
-        name = io.l2r_displacement_name(f.path or "", moving.path or "")
-        files["l2r_displacement"] = io.save_displacement(field, f, out / name)
-    except DinoregError:
+        files["l2r_displacement"] = io.save_l2r_displacement(field, f, out, f.path or "", moving.path or "")
+    except DinoregError:  # the file names do not follow the Learn2Reg pattern
         pass
     payload = {"fixed": f.path, "moving": moving.path, "init_transform_fixed_world_to_moving_world":
                pair.world_transform.tolist(), "metrics": metrics.to_dict(), "timings": dict(timings or {})}

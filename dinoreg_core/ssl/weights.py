@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import DinoregError
 
-log = logging.getLogger("dinoreg")
+logger = logging.getLogger("dinoreg")
 
 
 def shipped_weights() -> Path | None:
@@ -79,7 +79,7 @@ def pretrain_or_shipped(mode: str, data, run_dir, *, config: str | None = "demo"
     import torch
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    log.info(f"pretraining 3D DINO ({why}): config {config or 'paper defaults'}, {cfg.steps} steps on {data} -> {out}")
+    logger.info(f"pretraining 3D DINO ({why}): config {config or 'paper defaults'}, {cfg.steps} steps on {data} -> {out}")
     resume = (out / "checkpoint.pt").exists()
     try:
         res = train(cfg, data, out, resume=resume)

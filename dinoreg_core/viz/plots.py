@@ -245,7 +245,7 @@ def per_pair_values(df: pd.DataFrame, metric: str = "dice") -> pd.DataFrame:
     return (df.groupby(["dataset", "method", "pair"], sort=False)[metric].mean().rename("value").reset_index())
 
 
-def method_order(methods, order=None) -> list[str]:
+def plotting_order(methods, order=None) -> list[str]:
     """``order`` restricted to ``methods`` when given, else the methods as they come with ``initial`` first."""
     methods = list(dict.fromkeys(methods))
     if order is not None:
@@ -273,7 +273,7 @@ def method_comparison(df: pd.DataFrame, metric: str = "dice", order=None) -> Fig
     rng = np.random.default_rng(0)
     for ax, ds in zip(axes, datasets):
         sub = pp[pp["dataset"] == ds]
-        methods = method_order(sub["method"], order)
+        methods = plotting_order(sub["method"], order)
         table = sub.pivot(index="pair", columns="method", values="value").reindex(columns=methods)
         jitter = rng.uniform(-0.12, 0.12, size=len(table))
         for row, dx in zip(table.to_numpy(), jitter):

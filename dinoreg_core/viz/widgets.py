@@ -23,7 +23,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from matplotlib import colormaps
 from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
@@ -31,6 +30,7 @@ from matplotlib.figure import Figure
 
 from ..errors import DinoregError
 from . import plots
+from .feature_maps import features_to_rgb  # noqa: F401 - the viewer's colouring of feature volumes
 
 LAYERS = ("fixed", "moving", "warped", "difference", "checkerboard", "jacobian", "features")
 OVERLAYS = ("none", "fixed", "moving", "warped")
@@ -74,29 +74,6 @@ def deformed_grid(u1: np.ndarray, u2: np.ndarray, step: int) -> list[np.ndarray]
 def colormap_rgb(image: np.ndarray, cmap: str, vmin: float, vmax: float) -> np.ndarray:
     """(h,w) values -> (h,w,3) RGB in [0,1] through a matplotlib colormap on [vmin, vmax] (clipped)."""
     return colormaps[cmap](Normalize(vmin, vmax, clip=True)(image))[..., :3].astype(np.float32)
-
-
-def features_to_rgb(features, shape) -> np.ndarray:
-    """A feature volume -> (D,H,W,3) PCA-RGB in [0,1] on the image grid ``shape``.
-
-    Accepts an RGB volume (D,H,W,3) already on the grid (returned as float32), or features (C,d,h,w) /
-    (1,C,d,h,w) (numpy or torch), which go through :func:`dinoreg_core.features.pca.pca_rgb` and trilinear
-    resizing to ``shape``.
-    """
-    shape = tuple(int(s) for s in shape)
-    if isinstance(features, np.ndarray) and features.shape == shape + (3,):
-        return features.astype(np.float32, copy=False)
-    from ..features.pca import pca_rgb
-
-    f = torch.as_tensor(np.asarray(features) if not isinstance(features, torch.Tensor) else features).float()
-    if f.ndim == 4:
-        f = f[None]
-    if f.ndim != 5:
-        raise DinoregError(f"Features must be (D,H,W,3) RGB or (1,C,d,h,w)/(C,d,h,w), got shape {tuple(f.shape)}.")
-    rgb = torch.from_numpy(pca_rgb(f)).permute(3, 0, 1, 2)[None]  # (1,3,d,h,w)
-    if tuple(rgb.shape[2:]) != shape:
-        rgb = F.interpolate(rgb, size=shape, mode="trilinear", align_corners=False)
-    return rgb[0].permute(1, 2, 3, 0).clamp(0, 1).numpy().astype(np.float32)
 
 
 def live_frontend() -> bool:
