@@ -60,7 +60,7 @@ class InitConfig:
     """Settings of the partial-field-of-view ``affine`` alignment (:mod:`.overlap_search`)."""
 
     search_mm: float = 8.0               # grid spacing of the rotation x scale x translation search (mm)
-    refine_mm: float = 6.0               # grid spacing of the affine refinement and of the score (mm)
+    refine_mm: float = 3.0               # grid spacing of the final affine refinement and of the score (mm)
     rotations_deg: float = 15.0          # candidate rotations: 0 and +-this about each world axis
     scales: tuple = (1.0,)               # candidate isotropic scales of the moving body
     min_overlap: float = 0.2             # shared body voxels >= this x the smaller body (search and result)
@@ -69,7 +69,7 @@ class InitConfig:
     top_per_candidate: int = 2           # shifts kept per rotation/scale candidate
     coarse_iterations: int = 40          # Adam iterations refining every start on the search grid
     coarse_points: int = 8000            # fixed voxels drawn per iteration there
-    iterations: int = 80                 # Adam iterations refining the winner on the refine grid
+    iterations: int = 150                # Adam iterations refining the winner on the refine grid
     points: int = 20000                  # fixed voxels drawn per iteration there
     duplicate_mm: float = 6.0            # starts whose refined maps move the fixed body by less are duplicates
     lr: float = 0.01                     # Adam learning rate (normalised units)
