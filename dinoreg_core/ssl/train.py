@@ -87,6 +87,8 @@ class PretrainConfig:
     model: str = "paper"                       # name in dinoreg_core.models.vit3d.CONFIGS
     model_overrides: dict = field(default_factory=dict)  # ViT3DConfig fields to change, e.g. {"depth": 2}
     drop_path_rate: float = 0.0                # student stochastic depth (teacher: none)
+    init_backbone: str = ""                    # exported backbone (X.safetensors) to start from (heads: fresh);
+                                               # its architecture must equal model + model_overrides ("": random)
     grad_checkpointing: bool = False           # recompute block activations in backward (saves memory)
     # projection heads
     head_out_dim: int = 8192                   # DINO prototypes K (paper: 8192)
@@ -305,6 +307,16 @@ def build_net(cfg: PretrainConfig, vit_cfg: ViT3DConfig) -> SSLNet:
     return SSLNet(ViT3D(vit_cfg), head(), head() if cfg.ibot_separate_head else None, dense)
 
 
+def init_from_backbone(net: SSLNet, path: str, vit_cfg: ViT3DConfig) -> None:
+    """Load an exported backbone's weights into ``net.backbone`` (DinoregError if the architectures differ)."""
+    from ..models.checkpoint import load_backbone
+
+    model, cfg, _ = load_backbone(path)
+    if replace(cfg, drop_path_rate=vit_cfg.drop_path_rate) != vit_cfg:
+        raise DinoregError(f"init_backbone {path} is a different ViT ({cfg}) from the configured one ({vit_cfg}).")
+    net.backbone.load_state_dict(model.state_dict())
+
+
 def param_groups(net: SSLNet, layer_decay: float) -> list[dict]:
     """AdamW groups: layer-wise lr decay, no weight decay on biases/norms/tokens/position embeddings.
 
@@ -459,6 +471,8 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
     # ---- student, teacher (EMA copy, no gradients), centers, optimiser, grad scaler
     student = build_net(cfg, replace(vit_cfg, drop_path_rate=cfg.drop_path_rate)).to(device)
     student.backbone.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.init_backbone:
+        init_from_backbone(student, cfg.init_backbone, replace(vit_cfg, drop_path_rate=cfg.drop_path_rate))
     D.broadcast_module_(student)
     teacher = build_net(cfg, vit_cfg).to(device)
     teacher.load_state_dict(student.state_dict())
