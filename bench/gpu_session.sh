@@ -111,3 +111,12 @@ fi
 tar czf "$OUT/sweep_logs.tgz" -C "$WORK/sweep" --exclude checkpoint.pt --exclude '*.safetensors' .
 tar czf "$OUT/sweep_weights.tgz" -C "$WORK/sweep" --exclude checkpoint.pt --exclude '*.csv' --exclude '*.out' .
 ls -la "$OUT"
+
+
+# ======================================================================================================================
+# PRETRAINING SECTION (issue 14; appended, independent of the sections above): with PRETRAIN=1, after them, the
+# streamed demo recipe and the authors' recipe on this GPU with selection by registration (bench/gpu_pretrain.sh;
+# that script also runs alone: OUT=/tmp/out bash bench/gpu_pretrain.sh).
+if [ "${PRETRAIN:-0}" = 1 ]; then
+  OUT="$OUT" WORK="$WORK" DEVICE="$DEVICE" PY="$PY" bash bench/gpu_pretrain.sh
+fi

@@ -10,6 +10,15 @@ at the start and end of each case (the CPU may be shared with other work).
     .venv/bin/python bench/pretrain_speed.py --device cuda --cases paper:128:48:8:8
 
 A case is ``MODEL:GLOBAL:LOCAL:N_LOCAL:BATCH`` (crop edges in voxels, global batch).
+
+A packaged or file config instead (``--config stream``: streamed phantom subjects, two appearances per sample; the
+data then come from the stream and the timing includes rendering the views, with the subjects generated in the
+background as in a real run; ``--set`` overrides its fields, e.g. a small pool so the start-up is short):
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/pretrain_speed.py --threads 1 --config stream --steps 30 --skip 10 \
+        --set stream.pool_size=4 stream.new_every=16
+
+The row's ``model`` column then reads ``CONFIG(MODEL)`` and ``status`` lists the overrides.
 """
 
 from __future__ import annotations
@@ -87,6 +96,38 @@ def run_case(case: str, data: Path, work: Path, args) -> dict:
             "status": "ok"}
 
 
+def run_config(name: str, work: Path, args) -> dict:
+    """Time a whole config (``--config``) for ``--steps`` steps (data: the stream when the config enables it)."""
+    import torch
+
+    from dinoreg_core.commands.pretrain import resolve_config_path
+    from dinoreg_core.ssl.train import load_config, train
+
+    over = [f"steps={args.steps}", "log_every=1", f"ckpt_every={10 ** 9}", "progress=false", "snapshot_every=0",
+            f"threads={args.threads}", f"device={args.device}", f"num_workers={args.workers}", f"amp={args.amp}",
+            "val.every=0", *args.set]
+    cfg = load_config(resolve_config_path(name, work, False), over)
+    run = work / f"config_{Path(name).stem}"
+    data = "stream" if cfg.stream.enabled else args.data
+    if data is None:
+        raise SystemExit(f"--config {name} does not stream its data; pass --data DIR")
+    load0 = os.getloadavg()[0]
+    train(cfg, data, run)
+    load1 = os.getloadavg()[0]
+    with (run / "log.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    sec = float(np.median([float(r["sec_per_step"]) for r in rows[args.skip:]]))
+    a = cfg.augment
+    return {"date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "machine": f"{platform.system()} {platform.machine()} {os.cpu_count()} cpus", "device": args.device,
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "model": f"{Path(name).stem}({cfg.model})",
+            "global_size": a.global_size, "local_size": a.local_size, "n_local": a.n_local, "batch_size": cfg.batch_size,
+            "head_out_dim": cfg.head_out_dim, "steps_timed": len(rows) - args.skip, "sec_per_step": round(sec, 3),
+            "steps_per_s": round(1.0 / sec, 3), "samples_per_s": round(cfg.batch_size / sec, 3),
+            "load_start": round(load0, 2), "load_end": round(load1, 2), "amp": args.amp, "num_workers": args.workers,
+            "status": "ok (median s/step); " + " ".join(args.set)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="MODEL:GLOBAL:LOCAL:N_LOCAL:BATCH")
@@ -98,8 +139,18 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="data-loader processes (GPU runs need several)")
     ap.add_argument("--amp", default="auto", help="auto (bf16 on CUDA), bf16, fp16 or none")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--config", default=None, help="time this packaged/file config instead of the cases")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides of --config")
+    ap.add_argument("--data", default=None, help="data of a --config that does not stream")
     args = ap.parse_args(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.config:
+        with tempfile.TemporaryDirectory() as tmp:
+            row = run_config(args.config, Path(tmp), args)
+        append_rows(args.out, COLUMNS, [row])
+        print(", ".join(f"{k}={row.get(k)}" for k in ("model", "batch_size", "sec_per_step", "steps_per_s", "load_start",
+                                                      "load_end", "status")), flush=True)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         data.mkdir()

@@ -122,3 +122,27 @@ def test_resume_is_bit_exact_with_every_stream_knob_on(data_dir, tmp_path):
     assert sorted(p.name for p in (straight / "snapshots").iterdir()) == [
         "step_000001.json", "step_000001.safetensors", "step_000002.json", "step_000002.safetensors"]
     assert not math.isnan(float(_read_log(straight)[-1]["loss"]))
+
+
+def test_init_backbone_starts_from_exported_weights(tmp_path):
+    """lr 0 for one step: the exported teacher equals the weights it started from, bit for bit; a mismatched
+    architecture is refused."""
+    import pytest
+    from safetensors.torch import load_file
+
+    from dinoreg_core.errors import DinoregError
+    from dinoreg_core.ssl.train import load_config, train
+
+    d = json.loads(json.dumps(SMALL))
+    d["augment"] = dict(SMALL["augment"], n_local=0)
+    d.update(steps=1, stream=dict(SHAPES, pool_size=2))
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps(d))
+    train(load_config(p), "stream", tmp_path / "a")                    # some trained weights to start from
+    init = tmp_path / "a" / "teacher_backbone.safetensors"
+    train(load_config(p, [f"init_backbone={init}", "lr=0", "min_lr=0", "seed=9"]), "stream", tmp_path / "b")
+    a, b = load_file(init), load_file(tmp_path / "b" / "teacher_backbone.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(DinoregError, match="different ViT"):
+        train(load_config(p, [f"init_backbone={init}", 'model_overrides={"depth": 3, "embed_dim": 48, '
+                              '"num_heads": 4, "pos_grid": [8, 8, 8]}']), "stream", tmp_path / "c")

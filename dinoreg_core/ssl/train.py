@@ -66,7 +66,7 @@ from .data import (MaskConfig, PretrainViews, StepBatchSampler, StreamConfig, St
                    collate_views, sample_seed)
 from .dense import DenseProjector, dense_correspondence_loss
 from .heads import DINOHead, cancel_last_layer_grads
-from .losses import Center, dino_cls_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
+from .losses import Center, cross_entropy, dino_cls_loss, ibot_patch_loss, koleo_loss, sinkhorn_knopp
 from .meta import SSLNet
 from .schedules import cosine, warmup_constant, warmup_cosine
 from .select import ValConfig, ValLog, validate_and_select, validation_pairs
@@ -87,6 +87,8 @@ class PretrainConfig:
     model: str = "paper"                       # name in dinoreg_core.models.vit3d.CONFIGS
     model_overrides: dict = field(default_factory=dict)  # ViT3DConfig fields to change, e.g. {"depth": 2}
     drop_path_rate: float = 0.0                # student stochastic depth (teacher: none)
+    init_backbone: str = ""                    # exported backbone (X.safetensors) to start from (heads: fresh);
+                                               # its architecture must equal model + model_overrides ("": random)
     grad_checkpointing: bool = False           # recompute block activations in backward (saves memory)
     # projection heads
     head_out_dim: int = 8192                   # DINO prototypes K (paper: 8192)
@@ -97,6 +99,9 @@ class PretrainConfig:
     freeze_last_layer_steps: int = 100         # prototypes frozen for these first steps
     # losses
     dino_weight: float = 1.0
+    dino_unmasked_pass: bool = False           # the authors' DINO loss: a second, unmasked student pass over the
+                                               # same global view(s), cls vs the teacher's cls of the same view
+                                               # (allows n_global=1); False: DINO's cross-view loss
     ibot_weight: float = 1.0                   # paper: 1.0
     dense_weight: float = 0.0                  # iBOT-style loss at the *unmasked* tokens too: the student's patch
                                                # tokens of the augmented view predict the teacher's at the same
@@ -161,8 +166,9 @@ class PretrainConfig:
         for name, size in (("augment.global_size", a.global_size), ("augment.local_size", a.local_size)):
             if size < p or size % p:
                 raise DinoregError(f"The crop size {name}={size} must be a positive multiple of the patch size {p}.")
-        if a.n_global < 2:
-            raise DinoregError(f"augment.n_global={a.n_global}: the DINO loss needs at least 2 global crops.")
+        if a.n_global < 2 and not self.dino_unmasked_pass:
+            raise DinoregError(f"augment.n_global={a.n_global}: the DINO loss needs at least 2 global crops (or "
+                               f"dino_unmasked_pass=true).")
         if self.centering not in ("center", "sinkhorn"):
             raise DinoregError(f"centering='{self.centering}' is not known; use 'center' or 'sinkhorn'.")
         if self.amp not in ("auto", "bf16", "fp16", "none"):
@@ -238,6 +244,16 @@ def build_net(cfg: PretrainConfig, vit_cfg: ViT3DConfig) -> SSLNet:
 
     dense = DenseProjector(C, out_dim=cfg.contrast_dim) if cfg.contrast_weight > 0 else None
     return SSLNet(ViT3D(vit_cfg), head(), head() if cfg.ibot_separate_head else None, dense)
+
+
+def init_from_backbone(net: SSLNet, path: str, vit_cfg: ViT3DConfig) -> None:
+    """Load an exported backbone's weights into ``net.backbone`` (DinoregError if the architectures differ)."""
+    from ..models.checkpoint import load_backbone
+
+    model, cfg, _ = load_backbone(path)
+    if replace(cfg, drop_path_rate=vit_cfg.drop_path_rate) != vit_cfg:
+        raise DinoregError(f"init_backbone {path} is a different ViT ({cfg}) from the configured one ({vit_cfg}).")
+    net.backbone.load_state_dict(model.state_dict())
 
 
 def param_groups(net: SSLNet, layer_decay: float) -> list[dict]:
@@ -394,6 +410,8 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
     # ---- student, teacher (EMA copy, no gradients), centers, optimiser, grad scaler
     student = build_net(cfg, replace(vit_cfg, drop_path_rate=cfg.drop_path_rate)).to(device)
     student.backbone.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.init_backbone:
+        init_from_backbone(student, cfg.init_backbone, replace(vit_cfg, drop_path_rate=cfg.drop_path_rate))
     D.broadcast_module_(student)
     teacher = build_net(cfg, vit_cfg).to(device)
     teacher.load_state_dict(student.state_dict())
@@ -497,7 +515,12 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         with autocast:
             s = student(batch["student_global"], masks, batch["student_flips"], batch["local"], visible=dense)
         student_views = list(s["cls_logits"].chunk(G)) + (list(s["local_cls_logits"].chunk(L)) if L else [])
-        dino = dino_cls_loss(student_views, list(t_cls.chunk(G)), cfg.student_temp)
+        if cfg.dino_unmasked_pass:                                       # same view, unmasked, vs the teacher
+            with autocast:
+                s_full = student(batch["student_global"], torch.zeros_like(masks), batch["student_flips"])
+            dino = cross_entropy(t_cls, s_full["cls_logits"], cfg.student_temp).mean()
+        else:
+            dino = dino_cls_loss(student_views, list(t_cls.chunk(G)), cfg.student_temp)
         ibot = ibot_patch_loss(s["masked_logits"], t_patch, weights, masks.shape[0], cfg.student_temp)
         dense_loss = (ibot_patch_loss(s["visible_logits"], t_visible, vis_weights, masks.shape[0], cfg.student_temp)
                       if dense else ibot.new_zeros(()))

@@ -163,6 +163,7 @@ LOSS_GROUPS = (
     ("entropy (nats; collapse monitors)", ("teacher_entropy", "teacher_marginal_entropy", "patch_entropy",
                                            "patch_marginal_entropy")),
     ("feature spread (std)", ("cls_std", "patch_std")),
+    ("validation Dice (registration)", ("val_dice", "val_dice_ctct", "val_dice_mrmr", "val_dice_mrct")),
 )
 
 
@@ -172,7 +173,8 @@ def loss_curves(log) -> Figure:
     Args:
         log: path to a pretraining ``log.csv`` (columns ``step`` and some of ``loss``, ``dino_loss``,
             ``ibot_loss``, ``dense_loss``, ``koleo_loss``, ``teacher_entropy``, ``teacher_marginal_entropy``,
-            ``patch_entropy``, ``patch_marginal_entropy``, ``cls_std``, ``patch_std``) or such a DataFrame.
+            ``patch_entropy``, ``patch_marginal_entropy``, ``cls_std``, ``patch_std``, and the validation Dice
+            ``val_dice*`` of checkpoint selection by registration, logged every few steps) or such a DataFrame.
 
     Falling marginal entropy with low per-sample entropy is healthy; both entropies collapsing towards 0 (one
     prototype for everything) or the per-sample entropy staying at the marginal one (uniform targets) are the
@@ -181,7 +183,7 @@ def loss_curves(log) -> Figure:
     df = pd.read_csv(log) if isinstance(log, (str, os.PathLike)) else pd.DataFrame(log)
     if "step" not in df.columns:
         raise DinoregError("The pretraining log has no 'step' column.")
-    groups = [(title, [c for c in cols if c in df.columns]) for title, cols in LOSS_GROUPS]
+    groups = [(title, [c for c in cols if c in df.columns and df[c].notna().any()]) for title, cols in LOSS_GROUPS]
     groups = [(t, cols) for t, cols in groups if cols]
     if not groups:
         known = sorted({c for _, cols in LOSS_GROUPS for c in cols})
@@ -190,7 +192,9 @@ def loss_curves(log) -> Figure:
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
     for ax, (title, cols) in zip(axes, groups):
         for c in cols:
-            ax.plot(df["step"].to_numpy(), df[c].to_numpy(dtype=float), label=c, lw=1.4)
+            d = df[["step", c]].dropna()                       # validation rows are sparse: points joined by lines
+            ax.plot(d["step"].to_numpy(), d[c].to_numpy(dtype=float), label=c, lw=1.4,
+                    marker="o" if len(d) < len(df) else None, ms=3)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
