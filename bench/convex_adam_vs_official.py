@@ -6,6 +6,8 @@ hyperparameters (package defaults: mind_r 1, mind_d 2, grid_sp 6, disp_hw 4, lam
 grid_sp_adam 2, ic on). Each measurement runs in a fresh subprocess (so peak RSS is per run), alternating
 ours/official, --repeats times each; medians are reported. Time covers MIND features + registration, not I/O.
 Accuracy: mean error (mm, body) against the known field and mean Dice of the 13 organs after warping.
+CPU seconds (user + system of the run) are recorded beside wall seconds: on a loaded machine they are the
+steadier measure of the work each implementation does.
 
 With ``--mode cli`` the same pair is written as NIfTI files first, and each run is a whole command in a fresh
 process, timed from outside (wall clock of the process, peak RSS of the child): ours is
@@ -76,6 +78,7 @@ def _one(impl: str, spacing: float) -> dict:
     fn, mn = normalize_intensity(f, "ct"), normalize_intensity(m, "ct")
     ft, mt = torch.from_numpy(fn)[None, None], torch.from_numpy(mn)[None, None]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cpu0 = time.process_time()
     t = time.perf_counter()
     if impl == "ours":
         from dinoreg_core.features.mind import mind_ssc
@@ -92,11 +95,12 @@ def _one(impl: str, spacing: float) -> dict:
             d = convex_adam_pt(ft[0, 0], mt[0, 0], device=torch.device("cpu"))
         disp = torch.from_numpy(d).permute(3, 0, 1, 2)[None].float()
     seconds = time.perf_counter() - t
+    cpu = time.process_time() - cpu0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     wl = warp_labels(torch.from_numpy(ml)[None, None], disp)[0, 0].numpy()
     dice = np.nanmean(list(dice_per_label(fl, wl, sorted(set(np.unique(fl)) - {0})).values()))
     err = displacement_error_mm(disp, truth, (spacing,) * 3, body)
-    return {"seconds": seconds, "peak_rss_mb": rss, "rss_before_mb": rss0, "dice": float(dice),
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": rss, "rss_before_mb": rss0, "dice": float(dice),
             "field_error_mm": err, "shape": "x".join(map(str, f.shape))}
 
 
@@ -153,11 +157,14 @@ def _cli_run(impl: str, folder: Path, threads: int) -> dict:
                str(out)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads)}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = r0.ru_maxrss
     t = time.perf_counter()
     subprocess.run(cmd, capture_output=True, text=True, check=True, env=env, cwd=REPO)
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+    peak = r1.ru_maxrss
     # RUSAGE_CHILDREN is the max over all waited-for children: it is this child's only when it sets a new max
     rss = peak / 1024 if peak > before else float("nan")
     d = np.asarray(nib.load(str(out / "disp.nii.gz")).dataobj, np.float32)
@@ -168,7 +175,8 @@ def _cli_run(impl: str, folder: Path, threads: int) -> dict:
     dice = np.nanmean(list(dice_per_label(fl, wl, sorted(set(np.unique(fl)) - {0})).values()))
     sp = float(np.diag(nib.load(str(folder / "fixed.nii.gz")).affine)[0])
     err = displacement_error_mm(disp, torch.from_numpy(z["truth"]), (sp,) * 3, z["body"])
-    return {"seconds": seconds, "peak_rss_mb": rss, "rss_before_mb": float("nan"), "dice": float(dice),
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mb": rss, "rss_before_mb": float("nan"),
+            "dice": float(dice),
             "field_error_mm": err, "shape": "x".join(map(str, fl.shape))}
 
 
@@ -225,18 +233,21 @@ def main() -> None:
                     row = json.loads(r.stdout.strip().splitlines()[-1])
                 row.update(impl=impl, spacing_mm=sp, repeat=rep, load_1min=load)
                 rows.append(row)
-                print(f"{sp:.0f} mm {impl:9s} {row['seconds']:6.1f} s  {row['peak_rss_mb']:6.0f} MB  "
+                print(f"{sp:.0f} mm {impl:9s} {row['seconds']:6.1f} s (cpu {row['cpu_seconds']:6.1f} s) "
+                      f"load {load:4.1f}  {row['peak_rss_mb']:6.0f} MB  "
                       f"Dice {row['dice']:.3f}  field error {row['field_error_mm']:.2f} mm", flush=True)
     __import__("shutil").rmtree(tmpdir, ignore_errors=True)
     df = pd.DataFrame(rows)
-    med = df.groupby(["spacing_mm", "shape", "impl"])[["seconds", "peak_rss_mb", "dice", "field_error_mm",
-                                                       "load_1min"]].median()
+    med = df.groupby(["spacing_mm", "shape", "impl"])[["seconds", "cpu_seconds", "peak_rss_mb", "dice",
+                                                       "field_error_mm", "load_1min"]].median()
     med = med.reset_index()
     wide = med.pivot(index=["spacing_mm", "shape"], columns="impl")
     summary = pd.DataFrame({
         "shape": wide.index.get_level_values("shape"),
         "ours_s": wide["seconds"]["ours"].values, "official_s": wide["seconds"]["official"].values,
         "speedup": (wide["seconds"]["official"] / wide["seconds"]["ours"]).values,
+        "ours_cpu_s": wide["cpu_seconds"]["ours"].values, "official_cpu_s": wide["cpu_seconds"]["official"].values,
+        "cpu_speedup": (wide["cpu_seconds"]["official"] / wide["cpu_seconds"]["ours"]).values,
         "ours_peak_mb": wide["peak_rss_mb"]["ours"].values, "official_peak_mb": wide["peak_rss_mb"]["official"].values,
         "ours_dice": wide["dice"]["ours"].values, "official_dice": wide["dice"]["official"].values,
         "ours_err_mm": wide["field_error_mm"]["ours"].values,
