@@ -62,6 +62,7 @@ if str(REPO) not in sys.path:
 CASES = {
     "dino3d_tiny": dict(method="dino3d", config="tiny"),
     "dino3d_paper": dict(method="dino3d", config="paper"),
+    "dino3d_demo": dict(method="dino3d", config="demo"),  # the shipped weights (dinoreg_core/weights/dino3d_demo.*)
     "mind": dict(method="mind", config="mind_r=1,mind_d=2"),
     "dinov2_s14_matched": dict(method="dinov2", config="vits14", setting="matched", max_encoded=None),
     "dinov2_l14_matched": dict(method="dinov2", config="vitl14", setting="matched", max_encoded=4),
@@ -116,11 +117,18 @@ def run_case(case: str, shape: tuple[int, int, int], device: str, slices: int | 
         from dinoreg_core.features.extract import ExtractConfig, extract_features, plan_extraction, prepare_image
         from dinoreg_core.models.vit3d import CONFIGS, ViT3D
 
-        model = ViT3D(CONFIGS[spec["config"]]).eval().to(dev)
+        if spec["config"] == "demo":
+            from dinoreg_core.features.dino3d import DEFAULT_WEIGHTS
+            from dinoreg_core.models.checkpoint import load_backbone
+
+            model = load_backbone(DEFAULT_WEIGHTS, dev)[0].eval()
+        else:
+            model = ViT3D(CONFIGS[spec["config"]]).eval().to(dev)
         ecfg = ExtractConfig(progress=False)  # the pipeline default (4 GB budget: full pass or sliding windows)
         plan = plan_extraction(model.cfg, prepare_image(image, model.cfg.patch_size).shape[2:], ecfg,
                                bytes_per_el=2 if dev.type == "cuda" else 4)
-        note = f"{plan.mode} pass" + (f", {len(plan.starts)} windows" if plan.mode == "sliding" else "")
+        note = f"{plan.mode} pass" + (f", {len(plan.starts)} windows of {plan.window} tokens, {plan.batch} per "
+                                      f"forward" if plan.mode == "sliding" else "")
 
         def extract(img=image):
             with torch.inference_mode():
@@ -153,6 +161,7 @@ def run_case(case: str, shape: tuple[int, int, int], device: str, slices: int | 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     times = []
+    cpu_start = time.process_time()
     while not times or (len(times) < REPEATS and max(times) < REPEAT_BELOW_S):
         t0 = time.perf_counter()
         feat = extract()
@@ -163,10 +172,61 @@ def run_case(case: str, shape: tuple[int, int, int], device: str, slices: int | 
             del feat
     seconds = min(times)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+    cpu_s = (time.process_time() - cpu_start) / len(times)  # CPU seconds per call (all threads), the steadier
+    split = time_split(model, extract) if spec["method"] == "dino3d" else {}  # measure on a loaded machine
+    if split:
+        note += "; time split " + ", ".join(f"{k} {v:.0%}" for k, v in split.items())
     return dict(case=case, shape=list(shape), slices=n, time_s=seconds, peak_rss_mb=peak, rss_imports_mb=rss_imports,
                 rss_model_mb=rss_model, mem_mb=peak - rss_imports,
                 cuda_peak_mb=(torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None),
-                feature_shape=list(feat.shape), threads=torch.get_num_threads(), calls=len(times), note=note)
+                feature_shape=list(feat.shape), threads=torch.get_num_threads(), calls=len(times), note=note,
+                cpu_s=cpu_s, **{f"split_{k}": round(v, 3) for k, v in split.items()})
+
+
+SPLIT_PARTS = ("embedding", "attention", "mlp", "other_model", "blending")
+
+
+def time_split(model, extract) -> dict:
+    """Fractions of one more ``extract()`` call spent in the patch embedding, attention, MLP, the rest of the
+    model (norms, residuals, position embedding) and outside the model (window gathering and blending).
+
+    Timed with forward pre-/post-hooks on the modules (CPU: ops run synchronously; on CUDA the hooks
+    synchronise, which adds a little time)."""
+    import torch
+
+    spent = dict.fromkeys(SPLIT_PARTS, 0.0)
+    start = {}
+    cuda = next(model.parameters()).device.type == "cuda"
+
+    def now():
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def pre(name):
+        return lambda mod, args: start.__setitem__(id(mod), now())
+
+    def post(name):
+        def hook(mod, args, out):
+            spent[name] += now() - start.pop(id(mod))
+        return hook
+
+    handles = []
+    parts = [("embedding", model.patch_embed)] + [(n, getattr(b, a)) for b in model.blocks
+                                                   for n, a in (("attention", "attn"), ("mlp", "mlp"))]
+    parts.append(("model", model))
+    for name, mod in parts:
+        handles += [mod.register_forward_pre_hook(pre(name)), mod.register_forward_hook(post(name))]
+    spent["model"] = 0.0
+    t0 = now()
+    extract()
+    total = now() - t0
+    for h in handles:
+        h.remove()
+    model_time = spent.pop("model")
+    spent["other_model"] = model_time - spent["embedding"] - spent["attention"] - spent["mlp"]
+    spent["blending"] = total - model_time
+    return {k: v / total for k, v in spent.items()}
 
 
 def _subprocess(case: str, shape, device: str, slices: int | None, timeout: float | None, threads: int) -> dict:
@@ -230,7 +290,8 @@ def machine_info() -> dict:
 COLUMNS = ["date", "machine", "device", "volume", "case", "method", "config", "setting", "feature_shape",
            "encoded_slices", "time_s", "mem_mb", "peak_rss_mb", "cuda_peak_mb", "time_ratio_vs_dino3d_paper",
            "mem_ratio_vs_dino3d_paper", "time_ratio_vs_dino3d_tiny", "mem_ratio_vs_dino3d_tiny", "extrapolated",
-           "threads", "calls", "load_1min", "note"]
+           "threads", "calls", "load_1min", "cpu_s", "split_embedding", "split_attention", "split_mlp",
+           "split_other_model", "split_blending", "note"]
 
 
 def add_ratios(rows: list[dict]) -> None:

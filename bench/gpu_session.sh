@@ -8,7 +8,11 @@
 #      settings, run side by side on the demo cohort (synthetic, seed 1000, 16 subjects CT+MR), so the
 #      collapse monitors of each can be compared (results/pretrain/sweep_gpu/).
 #
-# Usage: OUT=/tmp/out bash bench/gpu_session.sh        (SWEEP_STEPS, DEVICE, BENCH=0/1, WORKERS override)
+#   3. one whole registration pair per feature method at 192x160x256 (bench/gpu_end_to_end.py).
+#
+# Usage: OUT=/tmp/out bash bench/gpu_session.sh        (SWEEP_STEPS, DEVICE, BENCH=0/1, E2E=0/1, E2E_ONLY=1,
+#                                                       WORKERS override)
+#   the end-to-end pairs alone (a few minutes): BENCH=0 E2E_ONLY=1 OUT=/tmp/out bash bench/gpu_session.sh
 # Needs python3 with torch + CUDA; nibabel is installed from .whl/ when that folder exists (the device
 # machine has no package index). Everything it writes lands in $OUT (at most 8 files).
 set -u
@@ -40,6 +44,15 @@ if [ "$BENCH" = 1 ]; then
   $PY bench/features_dino3d.py --device "$DEVICE" --configs tiny paper --modes full --max-seconds 120 \
     --sizes 96x96x96 128x128x128 192x160x192 192x160x256 --out "$OUT/features_dino3d_gpu.csv" 2>&1 | tail -12 | tee -a "$OUT/session.log"
   echo "benchmarks took $(( $(date +%s) - T0 )) s" | tee -a "$OUT/session.log"
+fi
+# one whole pair per feature method at 192x160x256 (load, features, PCA, ConvexAdam, warp, metrics; bf16 where it
+# applies; peak GPU memory), bench/gpu_end_to_end.py; E2E=0 skips it, E2E_ONLY=1 stops after it
+if [ "${E2E:-1}" = 1 ]; then
+  T0=$(date +%s)
+  $PY bench/gpu_end_to_end.py --device "$DEVICE" --threads 4 --out "$OUT/gpu_end_to_end.csv" 2>&1 | tail -12 \
+    | tee -a "$OUT/session.log"
+  echo "end-to-end pairs took $(( $(date +%s) - T0 )) s" | tee -a "$OUT/session.log"
+  if [ "${E2E_ONLY:-0}" = 1 ]; then kill $GEN 2>/dev/null; ls -la "$OUT"; exit 0; fi
 fi
 wait $GEN || { echo "cohort generation failed:"; cat "$WORK/cohort.log"; exit 1; }
 

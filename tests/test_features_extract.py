@@ -114,3 +114,53 @@ def test_grid_fit_resample_vs_pad():
     y = torch.rand(1, 1, 32, 32, 16)
     torch.testing.assert_close(extract_features(m, y, ExtractConfig(progress=False)),
                                extract_features(m, y, ExtractConfig(fit="pad", progress=False)))
+
+
+def _window_loop_reference(model, x, plan, blend):
+    """The previous sliding-window path, one forward pass per window (the reference for the batched one)."""
+    p = model.cfg.patch_size
+    acc = torch.zeros((1, model.cfg.embed_dim) + plan.grid)
+    wsum = torch.zeros(plan.grid)
+    wts = blend_weights(plan.window, blend)
+    for s in plan.starts:
+        vox = tuple(slice(a * p, (a + n) * p) for a, n in zip(s, plan.window))
+        with torch.no_grad():
+            f = model(x[(slice(None), slice(None)) + vox], return_blocks=[-1])["blocks"][-1]
+        n_t = f.shape[2:]
+        tok = tuple(slice(a, a + n) for a, n in zip(s, n_t))
+        w = wts[: n_t[0], : n_t[1], : n_t[2]]
+        acc[(slice(None), slice(None)) + tok] += f * w
+        wsum[tok] += w
+    return acc / wsum
+
+
+@pytest.mark.parametrize("fit", ["resample", "pad"])
+def test_batched_windows_equal_the_window_by_window_loop(fit):
+    m = _model(seed=2)
+    x = torch.rand(1, 1, 50, 44, 37)  # not on the patch lattice: far-end windows are partial with fit="pad"
+    e = ExtractConfig(mode="sliding", fit=fit, progress=False)
+    xin = prepare_image(x, 4, fit)
+    plan = plan_extraction(CFG, xin.shape[2:], e)
+    assert plan.mode == "sliding" and plan.batch == len(plan.starts) > 4
+    ref = _window_loop_reference(m, xin, plan, e.blend)
+    batched = extract_features(m, x, e)
+    one = extract_features(m, x, ExtractConfig(mode="sliding", fit=fit, window_batch=1, progress=False))
+    torch.testing.assert_close(batched, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_mode_picks_windows_only_when_much_cheaper():
+    from dinoreg_core.features.extract import SLIDING_MIN_GAIN, estimate_cost
+    from dinoreg_core.models.vit3d import CONFIGS
+
+    tiny = CONFIGS["tiny"]
+    # attention is quadratic: a 48x40x64 token grid costs far more in one pass than in 16^3-token windows
+    big = plan_extraction(tiny, (192, 160, 256), ExtractConfig())
+    assert big.mode == "sliding" and big.cost["full"] > SLIDING_MIN_GAIN * big.cost["sliding"]
+    # a volume of two windows per axis: windows not cheap enough to give up the global view
+    small = plan_extraction(CFG, (64, 64, 64), ExtractConfig())
+    assert small.mode == "full" and small.cost["full"] < SLIDING_MIN_GAIN * small.cost["sliding"]
+    assert plan_extraction(tiny, (192, 160, 256), ExtractConfig(mode="memory")).mode == "full"
+    assert estimate_cost(CFG, (8, 8, 8), 2) == 2 * estimate_cost(CFG, (8, 8, 8))
+    with pytest.raises(DinoregError, match="extraction mode"):
+        plan_extraction(CFG, (64, 64, 64), ExtractConfig(mode="fast"))

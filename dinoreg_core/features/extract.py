@@ -20,6 +20,18 @@ features are blended with Gaussian (sigma = window/4) or linear-ramp weights. On
 blending accumulators over the whole token grid never exceed the budget: the window is shrunk (down to 4
 tokens per axis) until they fit.
 
+Predict, then pick (``mode="auto"``, the default). Attention costs O(tokens^2) arithmetic, so one pass over a
+whole 192x160x256 volume (122,880 tokens) costs far more than windows of the pretraining crop (512-32,768 tokens)
+that cover it with overlap. :func:`estimate_cost` predicts the arithmetic of either (linear layers, attention,
+per-token element-wise work, in multiply-add equivalents weighted by constants measured on CPU, see
+results/bench/features_dino3d_split.csv), and the full pass is kept unless the windows are predicted at least
+``SLIDING_MIN_GAIN`` times cheaper (a full pass sees the whole volume, so it wins ties). ``mode="memory"`` is the
+previous rule (full pass whenever it fits the budget); "full" and "sliding" force one.
+
+Batched windows. Windows are run ``batch`` at a time through one forward pass (as many as the memory budget
+allows, at most ``MAX_WINDOW_BATCH``); their blended features are accumulated with one ``index_add_`` per batch,
+so no Python work is done per window. The result equals a window-by-window loop to float rounding.
+
 Features are the patch tokens of the chosen blocks after the model's final LayerNorm (block -1 = the last
 block, as the authors use), concatenated along channels in the order given.
 """
@@ -38,12 +50,25 @@ from ..errors import DinoregError
 from ..models.vit3d import ViT3D, ViT3DConfig
 
 
+# Cost model constants (multiply-add equivalents), measured on a 2-core x86 CPU with torch 2.13 (float32):
+# scaled_dot_product_attention ran at 5.5-6.8 G multiply-adds/s, nn.Linear at 3.5-5.3, so an attention
+# multiply-add costs about as much as a linear one; LayerNorms, RoPE, SiLU and residual adds cost about
+# ELEMENTWISE_COST multiply-adds per channel per token and block (from the time split of the tiny model).
+ATTENTION_COST = 1.0
+ELEMENTWISE_COST = 12.0
+SLIDING_MIN_GAIN = 2.0   # windows replace the full pass only when predicted at least this many times cheaper
+MAX_WINDOW_BATCH = 64    # windows per forward pass at most (bigger batches gained nothing measurable on CPU)
+MODES = ("auto", "memory", "full", "sliding")
+
+
 @dataclass
 class ExtractConfig:
     """How to compute dense features (see the module docstring)."""
 
     blocks: tuple = (-1,)              # block indices (negative from the end); features are concatenated
     memory_budget_gb: float = 4.0      # above this predicted peak, use sliding windows
+    mode: str = "auto"                 # auto (cheapest predicted) | memory (full if it fits) | full | sliding
+    window_batch: int = 0              # windows per forward pass (0: as many as the budget allows, <= 64)
     window: tuple | int | None = None  # window size in voxels (None: the pretraining crop pos_grid * patch_size)
     overlap: float = 0.5               # fraction of the window shared by neighbouring windows (0 <= overlap < 1)
     blend: str = "gaussian"            # "gaussian" (sigma = window / 4) or "linear" (tent-shaped ramp)
@@ -61,6 +86,8 @@ class Plan:
     window: tuple          # window size in tokens
     starts: list           # window start (tokens) per window, each a (d,h,w) tuple
     est_bytes: int         # predicted peak bytes: one forward pass (+ the blending accumulators when sliding)
+    batch: int = 1         # windows per forward pass
+    cost: dict = None      # predicted cost (multiply-adds) of "full" and "sliding"
 
 
 def estimate_memory_bytes(cfg: ViT3DConfig, grid, n_blocks: int = 1, bytes_per_el: int = 4) -> int:
@@ -74,6 +101,20 @@ def estimate_memory_bytes(cfg: ViT3DConfig, grid, n_blocks: int = 1, bytes_per_e
     live = T * (8 * cfg.embed_dim + 4 * cfg.mlp_hidden)
     kept = (n_blocks + 1) * T * cfg.embed_dim
     return int(1.5 * bytes_per_el * (live + kept))
+
+
+def estimate_cost(cfg: ViT3DConfig, window, n_windows: int = 1) -> float:
+    """Predicted arithmetic (multiply-add equivalents) of ``n_windows`` forward passes over a token ``window``.
+
+    Per block and token: qkv + output projection 4 C^2, SwiGLU 3 C H, element-wise ELEMENTWISE_COST (C + H);
+    per block and window: attention 2 T^2 C (scores and weighted sum) x ATTENTION_COST; plus the patch embedding.
+    """
+    T = math.prod(int(g) for g in window) + 1 + cfg.num_register_tokens
+    C, H = cfg.embed_dim, cfg.mlp_hidden
+    per_token = 4 * C * C + 3 * C * H + ELEMENTWISE_COST * (C + H)
+    per_block = T * per_token + ATTENTION_COST * 2 * T * T * C
+    embed = T * C * cfg.patch_size ** 3 * cfg.in_chans
+    return float(n_windows) * (cfg.depth * per_block + embed)
 
 
 def _window_starts(n: int, win: int, stride: int) -> list[int]:
@@ -91,9 +132,29 @@ def plan_extraction(cfg: ViT3DConfig, image_shape, ecfg: ExtractConfig, bytes_pe
     grid = tuple(max(1, -(-int(s) // p)) for s in image_shape)
     nb = len(ecfg.blocks)
     budget = ecfg.memory_budget_gb * 1024 ** 3
+    if ecfg.mode not in MODES:
+        raise DinoregError(f"Unknown extraction mode '{ecfg.mode}'; use one of {', '.join(MODES)}.")
     full = estimate_memory_bytes(cfg, grid, nb, bytes_per_el)
-    if full <= budget:
-        return Plan("full", grid, grid, [(0, 0, 0)], full)
+    full_plan = Plan("full", grid, grid, [(0, 0, 0)], full, 1, {"full": estimate_cost(cfg, grid)})
+    if ecfg.mode == "full" or (ecfg.mode == "memory" and full <= budget):
+        return full_plan
+    try:
+        sliding = _sliding_plan(cfg, grid, ecfg, bytes_per_el)
+    except DinoregError:
+        if ecfg.mode == "auto" and full <= budget:
+            return full_plan
+        raise
+    sliding.cost["full"] = full_plan.cost["full"]
+    full_plan.cost["sliding"] = sliding.cost["sliding"]
+    if ecfg.mode == "auto" and full <= budget and sliding.cost["sliding"] * SLIDING_MIN_GAIN > full_plan.cost["full"]:
+        return full_plan
+    return sliding
+
+
+def _sliding_plan(cfg: ViT3DConfig, grid, ecfg: ExtractConfig, bytes_per_el: int) -> Plan:
+    p = cfg.patch_size
+    nb = len(ecfg.blocks)
+    budget = ecfg.memory_budget_gb * 1024 ** 3
     if not 0 <= ecfg.overlap < 1:
         raise DinoregError(f"Sliding-window overlap must be in [0, 1), got {ecfg.overlap}.")
     if ecfg.window is None:
@@ -113,7 +174,12 @@ def plan_extraction(cfg: ViT3DConfig, image_shape, ecfg: ExtractConfig, bytes_pe
                            f"memory budget of {ecfg.memory_budget_gb} GB; raise memory_budget_gb.")
     strides = [max(1, int(round(a * (1 - ecfg.overlap)))) for a in win]
     axes = [_window_starts(g, a, s) for g, a, s in zip(grid, win, strides)]
-    return Plan("sliding", grid, win, list(itertools.product(*axes)), est)
+    starts = list(itertools.product(*axes))
+    one = estimate_memory_bytes(cfg, win, nb, bytes_per_el)
+    batch = int(ecfg.window_batch) if ecfg.window_batch else int(max(1, (budget - acc) // one))
+    batch = max(1, min(batch, MAX_WINDOW_BATCH, len(starts)))
+    return Plan("sliding", grid, win, starts, one * batch + acc, batch,
+                {"sliding": estimate_cost(cfg, win, len(starts))})
 
 
 def blend_weights(window, kind: str = "gaussian", device=None) -> torch.Tensor:
@@ -170,19 +236,40 @@ def extract_features(model: ViT3D, image: torch.Tensor, ecfg: ExtractConfig | No
     if plan.mode == "full":
         return _forward_blocks(model, x, ecfg.blocks, ecfg.amp)
 
+    return _sliding(model, x, plan, ecfg)
+
+
+def _sliding(model: ViT3D, x: torch.Tensor, plan: Plan, ecfg: ExtractConfig) -> torch.Tensor:
+    """Blended window features (1, C, *grid): ``plan.batch`` windows per forward pass, one index_add_ per batch."""
     p = model.cfg.patch_size
+    device = x.device
+    grid, win = plan.grid, plan.window
+    # zero-pad to the token grid (a "pad" fit leaves a partial patch at the far end): the model would pad each
+    # far-end window with the same zeros, so every window now has the full size and windows can be batched
+    pads = []
+    for s, g in zip(reversed(x.shape[2:]), reversed(grid)):
+        pads += [0, g * p - s]
+    vol = (F.pad(x, pads) if any(pads) else x)[0, 0]
     C = model.cfg.embed_dim * len(ecfg.blocks)
-    acc = torch.zeros((1, C) + plan.grid, device=device)
-    wsum = torch.zeros(plan.grid, device=device)
-    wts = blend_weights(plan.window, ecfg.blend, device)
-    bar = tqdm(plan.starts, desc="dino3d windows", disable=not ecfg.progress or len(plan.starts) < 2, leave=False)
-    for s in bar:
-        vox = tuple(slice(a * p, (a + n) * p) for a, n in zip(s, plan.window))
-        f = _forward_blocks(model, x[(slice(None), slice(None)) + vox], ecfg.blocks, ecfg.amp)
-        # a window at the far end of a padded ("pad" fit) volume may have fewer voxels than window * p
-        n_t = f.shape[2:]
-        tok = tuple(slice(a, a + n) for a, n in zip(s, n_t))
-        w = wts[: n_t[0], : n_t[1], : n_t[2]]
-        acc[(slice(None), slice(None)) + tok] += f * w
-        wsum[tok] += w
-    return acc / wsum
+    n_tok = math.prod(grid)
+    acc = torch.zeros(n_tok, C, device=device)            # channels last: one row per token of the grid
+    wsum = torch.zeros(n_tok, device=device)
+    wts = blend_weights(win, ecfg.blend, device)          # (t0, t1, t2)
+    g1, g2 = grid[1], grid[2]
+    ar = [torch.arange(n, device=device) for n in win]
+    offs = (ar[0][:, None, None] * (g1 * g2) + ar[1][None, :, None] * g2 + ar[2][None, None, :]).reshape(-1)
+    vox = [torch.arange(n * p, device=device) for n in win]
+    starts = torch.tensor(plan.starts, device=device, dtype=torch.long).reshape(-1, 3)
+    batches = range(0, len(starts), plan.batch)
+    bar = tqdm(batches, desc="dino3d windows", disable=not ecfg.progress or len(batches) < 2, leave=False)
+    for b0 in bar:
+        s = starts[b0:b0 + plan.batch]                     # (B, 3) token starts
+        i0, i1, i2 = (s[:, a:a + 1] * p + vox[a][None] for a in range(3))
+        crops = vol[i0[:, :, None, None], i1[:, None, :, None], i2[:, None, None, :]]  # (B, w0p, w1p, w2p)
+        f = _forward_blocks(model, crops[:, None], ecfg.blocks, ecfg.amp)  # (B, C, t0, t1, t2)
+        f = (f * wts).permute(0, 2, 3, 4, 1).reshape(-1, C)
+        rows = ((s[:, 0] * (g1 * g2) + s[:, 1] * g2 + s[:, 2])[:, None] + offs[None]).reshape(-1)
+        acc.index_add_(0, rows, f)
+        wsum.index_add_(0, rows, wts.reshape(-1).repeat(len(s)))
+    acc /= wsum[:, None]
+    return acc.t().reshape(1, C, *grid)

@@ -42,6 +42,22 @@ def _shifted(padded: torch.Tensor, offset, pad: int, shape) -> torch.Tensor:
     return padded[:, :, o0:o0 + d, o1:o1 + h, o2:o2 + w]
 
 
+def _box3_replicate_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """In place 3^3 mean with replicate padding of (B,C,D,H,W) (``tmp``: a buffer of the same shape).
+
+    Equals ``box_filter(x, 3, padding="replicate")`` to float rounding without allocating.
+    """
+    for dim in (2, 3, 4):
+        n = x.shape[dim]
+        tmp.copy_(x)
+        if n > 1:
+            x.narrow(dim, 1, n - 1).add_(tmp.narrow(dim, 0, n - 1))
+            x.narrow(dim, 0, n - 1).add_(tmp.narrow(dim, 1, n - 1))
+        x.narrow(dim, 0, 1).add_(tmp.narrow(dim, 0, 1))  # replicated neighbour below the first voxel
+        x.narrow(dim, n - 1, 1).add_(tmp.narrow(dim, n - 1, 1))  # and above the last one
+    return x.mul_(1.0 / 27.0)
+
+
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
     """MIND-SSC descriptor of a 3D image.
 
@@ -52,25 +68,34 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
 
     Returns:
         (B,12,D,H,W) float32 descriptor in (0,1], same device as ``image``.
+
+    Memory: two (B,12,D,H,W) float32 buffers (the descriptor and one scratch copy for the box filter); every
+    step after the squared differences works in place.
     """
     if image.dim() != 5 or image.shape[1] != 1:
         raise ValueError(f"mind_ssc expects a (B,1,D,H,W) tensor, got {tuple(image.shape)}")
     x = image.float()
     shape = x.shape[2:]
     padded = F.pad(x, (dilation,) * 6, mode="replicate")
-    diffs = []
-    for a, b in _pairs():
+    pairs = _pairs()
+    sq = torch.empty((x.shape[0], len(pairs)) + tuple(shape), device=x.device, dtype=torch.float32)
+    for c, k in enumerate(_CHANNEL_ORDER):  # written directly in the reference's channel order
+        a, b = pairs[k]
         sa = _shifted(padded, tuple(dilation * v for v in a), dilation, shape)
         sb = _shifted(padded, tuple(dilation * v for v in b), dilation, shape)
-        diffs.append((sa - sb) ** 2)
-    sq = torch.cat(diffs, dim=1)  # (B,12,D,H,W) squared differences of the two shifted copies
-    ssd = box_filter(sq, 2 * radius + 1, padding="replicate")
-    mind = ssd - ssd.min(dim=1, keepdim=True).values
-    var = mind.mean(dim=1, keepdim=True)
+        torch.sub(sa, sb, out=sq[:, c:c + 1])
+    del padded
+    sq.square_()  # (B,12,D,H,W) squared differences of the two shifted copies
+    if radius == 1:
+        ssd = _box3_replicate_(sq, torch.empty_like(sq))
+    else:
+        ssd = box_filter(sq, 2 * radius + 1, padding="replicate")
+    del sq
+    ssd -= ssd.min(dim=1, keepdim=True).values
+    var = ssd.mean(dim=1, keepdim=True)
     gmean = var.mean().item()
-    var = var.clamp(gmean * 1e-3, gmean * 1e3)
-    mind = torch.exp(-mind / var)
-    return mind[:, _CHANNEL_ORDER]
+    var = var.clamp_(gmean * 1e-3, gmean * 1e3)
+    return ssd.div_(var).neg_().exp_()
 
 
 def _extract(image: torch.Tensor, *, modality: str = "ct", device=None, options=None) -> torch.Tensor:

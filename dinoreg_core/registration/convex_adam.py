@@ -35,7 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from ..filters import box_filter
-from .warp import identity_grid, sample, voxel_to_normalized
+from .adam_objective import TrilinearSSD, diffusion_, smooth3_
+from .warp import identity_grid, sample
+
+
+_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -53,6 +57,10 @@ class ConvexAdamConfig:
     lr: float = 1.0  # Adam learning rate (cells of the Adam grid per step, roughly)
     final_smooth: int = 0  # odd box kernel for a final smoothing of the dense field (0 = none)
     cost_scale: float = 12.0  # SSD of the Adam stage = mean over channels x cost_scale (12 = sum for 12 channels)
+    early_stop_patience: int = 0  # stop Adam after this many iterations without improvement (0 = off, = official)
+    early_stop_tol: float = 1e-4  # an improvement counts when the objective falls by more than this fraction of it
+    feature_dtype: str = "float32"  # storage of the Adam stage's features: float32 | float16 | bfloat16 (CUDA only)
+    cost_volume_max_mb: float = 512.0  # above this the discrete stage takes its per-cell argmins slab by slab
 
     def validate(self) -> "ConvexAdamConfig":
         from ..errors import DinoregError
@@ -66,6 +74,13 @@ class ConvexAdamConfig:
             raise DinoregError("ConvexAdam settings iterations and lambda_weight must be >= 0.")
         if self.final_smooth and self.final_smooth % 2 == 0:
             raise DinoregError(f"ConvexAdam setting final_smooth={self.final_smooth} must be odd (or 0).")
+        if self.early_stop_patience < 0 or self.early_stop_tol < 0:
+            raise DinoregError("ConvexAdam settings early_stop_patience and early_stop_tol must be >= 0.")
+        if self.feature_dtype not in _STORAGE_DTYPES:
+            raise DinoregError(f"ConvexAdam setting feature_dtype={self.feature_dtype!r} must be one of "
+                               f"{', '.join(_STORAGE_DTYPES)}.")
+        if self.cost_volume_max_mb <= 0:
+            raise DinoregError(f"ConvexAdam setting cost_volume_max_mb={self.cost_volume_max_mb} must be > 0.")
         return self
 
 
@@ -81,11 +96,35 @@ def _box3(x: torch.Tensor, k: int = 3) -> torch.Tensor:
     return box_filter(x, k, padding="zeros")
 
 
-def _pad_to_multiple(x: torch.Tensor, m: int) -> torch.Tensor:
-    pads = []
-    for s in reversed(x.shape[2:]):
-        pads += [0, (-s) % m]
-    return F.pad(x, pads, mode="replicate") if any(pads) else x
+def _padded_size(size, m: int) -> tuple:
+    return tuple(-(-s // m) * m for s in size)
+
+
+def _pool_axis(x: torch.Tensor, dim: int, g: int, padded: int) -> torch.Tensor:
+    """Mean over cells of g voxels along ``dim`` of x replicate-padded to length ``padded`` (a multiple of g)."""
+    n = x.shape[dim]
+    q, r = divmod(n, g)
+    parts = []
+    if q:
+        parts.append(x.narrow(dim, 0, q * g).unflatten(dim, (q, g)).mean(dim + 1))
+    last = x.narrow(dim, n - 1, 1)
+    if r:
+        parts.append((x.narrow(dim, q * g, r).sum(dim, keepdim=True) + (g - r) * last) / g)
+    extra = padded // g - q - (1 if r else 0)
+    if extra:
+        parts.append(last.expand(*[extra if d == dim else -1 for d in range(x.dim())]))
+    return torch.cat(parts, dim) if len(parts) > 1 else parts[0].contiguous()
+
+
+def pool_padded(x: torch.Tensor, g: int, padded_size) -> torch.Tensor:
+    """``avg_pool3d(replicate_pad(x, padded_size), g, stride=g)`` of (B,C,D,H,W) without the padded copy.
+
+    The padded volume never exists: each axis is pooled in turn (mean over whole cells, the partial last
+    cell completed by copies of the last voxel), so memory stays at one pooled copy.
+    """
+    for dim, p in zip((2, 3, 4), padded_size):
+        x = _pool_axis(x, dim, g, p)
+    return x
 
 
 def displacement_candidates(disp_hw: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -175,66 +214,55 @@ def _smooth3(x: torch.Tensor) -> torch.Tensor:
     return _box3(_box3(_box3(x)))
 
 
-def adam_refine(fix: torch.Tensor, mov: torch.Tensor, init: torch.Tensor, cfg: ConvexAdamConfig) -> torch.Tensor:
+def adam_refine(pf: torch.Tensor, pm: torch.Tensor, init: torch.Tensor, cfg: ConvexAdamConfig,
+                log: list | None = None) -> torch.Tensor:
     """Adam instance optimisation of a displacement on the ``grid_sp_adam`` grid.
 
+    The objective (SSD of the features + ``lambda_weight`` x diffusion of the thrice box-smoothed parameters)
+    and its gradient are written out (:mod:`.adam_objective`); buffers are allocated once, before the loop.
+
     Args:
-        fix, mov: (1,C,D,H,W) features with D,H,W multiples of ``cfg.grid_sp_adam``.
-        init: (1,3,D,H,W) initial displacement in voxels.
+        pf, pm: (1,C,n0,n1,n2) fixed and moving features pooled onto the Adam grid (``grid_sp_adam`` voxels a cell).
+        init: (1,3,D,H,W) initial displacement in voxels, D = n0 * grid_sp_adam (etc.).
+        log: optional list receiving the objective of every iteration (before its step).
 
     Returns:
         (1,3,D,H,W) refined displacement in voxels.
     """
     g = cfg.grid_sp_adam
-    size = fix.shape[2:]
+    size = init.shape[2:]
+    coarse = pf.shape[2:]
+    storage = _STORAGE_DTYPES[cfg.feature_dtype] if pf.device.type == "cuda" else torch.float32
     with torch.no_grad():
-        pf = F.avg_pool3d(fix, g, stride=g)
-        pm = F.avg_pool3d(mov, g, stride=g)
-        coarse = pf.shape[2:]
-        param0 = F.interpolate(init, size=coarse, mode="trilinear", align_corners=False) / g
-    param = param0.clone().requires_grad_(True)
+        param = (F.interpolate(init, size=coarse, mode="trilinear", align_corners=False) / g).contiguous()
+    param.requires_grad_(True)
     opt = torch.optim.Adam([param], lr=cfg.lr)
-    grid = identity_grid(coarse, fix.device, fix.dtype)
-    # grid_sample parallelises over the batch only: split the sampling points into `nb` slabs along axis 0
-    # and sample a batch of identical copies of the moving features (a constant, copied once).
-    nb = _sampling_batches(fix.device, coarse[0])
-    pm_b = pm.expand(nb, -1, -1, -1, -1).contiguous()
+    ssd = TrilinearSSD(pm, pf, storage_dtype=storage)
+    grid = identity_grid(coarse, pf.device, torch.float32).reshape(3, -1)
+    u, tmp, grad_u = torch.empty_like(param), torch.empty_like(param), torch.empty_like(param)
+    coords = torch.empty_like(grid)
+    scale = cfg.cost_scale / (pf.shape[1] * grid.shape[1])  # d(mean over channels and points x cost_scale)
     lam = cfg.lambda_weight
-    for _ in range(cfg.iterations):
-        opt.zero_grad(set_to_none=True)
-        u = _smooth3(param)
-        reg = (lam * ((u[:, :, 1:] - u[:, :, :-1]) ** 2).mean() + lam * ((u[:, :, :, 1:] - u[:, :, :, :-1]) ** 2).mean()
-               + lam * ((u[..., 1:] - u[..., :-1]) ** 2).mean())
-        warped = _sample_batched(pm_b, grid + u, nb)
-        cost = ((warped - pf) ** 2).mean() * cfg.cost_scale
-        (cost + reg).backward()
-        opt.step()
+    best, stale = math.inf, 0
     with torch.no_grad():
-        u = _smooth3(param)
+        for _ in range(cfg.iterations):
+            smooth3_(u.copy_(param), tmp)
+            torch.add(grid, u.view(3, -1), out=coords)
+            ssd_sum, _ = ssd(coords, scale, out=grad_u.view(3, -1))
+            objective = ssd_sum * scale + diffusion_(u, grad_u, lam, tmp)
+            param.grad = smooth3_(grad_u, tmp)  # S is self-adjoint: d/dparam = S(d/du)
+            opt.step()
+            if log is not None:
+                log.append(objective)
+            if cfg.early_stop_patience:
+                if objective < best * (1.0 - cfg.early_stop_tol):
+                    best, stale = objective, 0
+                else:
+                    stale += 1
+                    if stale >= cfg.early_stop_patience:
+                        break
+        u = smooth3_(u.copy_(param), tmp)
         return _upsample_cells(u, g, size)
-
-
-def _sampling_batches(device, n0: int) -> int:
-    if device.type != "cpu":
-        return 1
-    return max(1, min(torch.get_num_threads() * 2, n0 // 4))
-
-
-def _sample_batched(vol_b: torch.Tensor, coords: torch.Tensor, nb: int) -> torch.Tensor:
-    """Trilinear, zero-padded sampling of (1,C,n0,n1,n2) features (given as nb identical copies) at voxel
-    coordinates (1,3,n0,n1,n2), with the points split into nb slabs along axis 0 to use all CPU threads."""
-    n0 = coords.shape[2]
-    grid = voxel_to_normalized(coords, vol_b.shape[2:])  # (1,n0,n1,n2,3)
-    if nb == 1:
-        return F.grid_sample(vol_b, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    per = -(-n0 // nb)
-    extra = per * nb - n0
-    if extra:
-        grid = torch.cat([grid, grid[:, -1:].expand(-1, extra, -1, -1, -1)], dim=1)
-    grid = grid.reshape(nb, per, *grid.shape[2:])
-    out = F.grid_sample(vol_b, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
-    out = out.permute(1, 0, 2, 3, 4).reshape(1, vol_b.shape[1], nb * per, *out.shape[3:])
-    return out[:, :, :n0]
 
 
 def convex_adam(fix: torch.Tensor, mov: torch.Tensor, cfg: ConvexAdamConfig | None = None,
@@ -257,11 +285,10 @@ def convex_adam(fix: torch.Tensor, mov: torch.Tensor, cfg: ConvexAdamConfig | No
     t = time.perf_counter()
     size = fix.shape[2:]
     m = cfg.grid_sp * cfg.grid_sp_adam // math.gcd(cfg.grid_sp, cfg.grid_sp_adam)
-    fixp, movp = _pad_to_multiple(fix.float(), m), _pad_to_multiple(mov.float(), m)
-    psize = fixp.shape[2:]
+    psize = _padded_size(size, m)  # replicate padding to a multiple of both grids (never materialised)
     with torch.no_grad():
-        cf = F.avg_pool3d(fixp, cfg.grid_sp, stride=cfg.grid_sp)
-        cm = F.avg_pool3d(movp, cfg.grid_sp, stride=cfg.grid_sp)
+        cf = pool_padded(fix.float(), cfg.grid_sp, psize)
+        cm = pool_padded(mov.float(), cfg.grid_sp, psize)
         cost = cost_volume(cf, cm, cfg.disp_hw)
         disp = coupled_convex(cost, cfg.disp_hw, cfg.coupling_weights)
         if cfg.ic:
@@ -271,7 +298,11 @@ def convex_adam(fix: torch.Tensor, mov: torch.Tensor, cfg: ConvexAdamConfig | No
         dense = _upsample_cells(disp, cfg.grid_sp, psize)
     t_discrete = time.perf_counter() - t
     if cfg.lambda_weight > 0 and cfg.iterations > 0:
-        dense = adam_refine(fixp, movp, dense, cfg)
+        with torch.no_grad():
+            pf = pool_padded(fix.float(), cfg.grid_sp_adam, psize)
+            pm = pool_padded(mov.float(), cfg.grid_sp_adam, psize)
+        dense = adam_refine(pf, pm, dense, cfg)
+        del pf, pm
     t_adam = time.perf_counter() - t - t_discrete
     with torch.no_grad():
         if cfg.final_smooth:
