@@ -125,14 +125,17 @@ def register_aligned(pair: AlignedPair, cfg: RegisterConfig, *, out_dir: str | o
 
 def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: RegisterConfig | None = None,
              out_dir: str | os.PathLike | None = None, label_map: dict | None = None,
-             label_names: dict | None = None, **overrides) -> RegistrationResult:
+             label_names: dict | None = None, preset: str | None = "default", **overrides) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and (optionally) evaluate and write the results.
 
     Args:
         fixed, moving: NIfTI paths or :class:`dinoreg_core.io.Volume` objects.
         fixed_labels, moving_labels: optional label maps (paths or Volumes) on their image's grid.
-        config: :class:`RegisterConfig`; keyword ``overrides`` (e.g. ``features="mind"``, ``init="affine"``,
-            ``grid_sp=4``, ``feature_options={...}``) are applied on top by name.
+        config: a complete :class:`RegisterConfig` (used as given: no preset is applied to it); keyword
+            ``overrides`` (e.g. ``init="affine"``, ``grid_sp=4``, ``feature_options={...}``) are applied on top.
+        preset: without ``config``, the method's settings start from this preset (:mod:`dinoreg_core.presets`):
+            ``default`` (the method's default preset), ``official``, ``authors``, ``tuned`` or a preset file;
+            ``overrides`` (``features="mind"``, ``lambda_weight=2``, ...) are applied on top.
         out_dir: when given, writes the files of :func:`dinoreg_core.pipeline.write` there (atomically).
         label_map: moving label id -> fixed label id (e.g. TotalSegmentator MR -> CT ids); unmapped ids become 0.
         label_names: fixed label id -> name for the metrics.
@@ -140,9 +143,16 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
     Returns:
         :class:`RegistrationResult`.
     """
-    cfg = config or RegisterConfig()
-    cfg.update(overrides)
-    cfg.convex.validate()
+    if config is None:
+        overrides = dict(overrides)
+        method = overrides.pop("features", "mind")
+        fixed_fields = {k: overrides.pop(k) for k in ("init", "device", "fixed_modality", "moving_modality")
+                        if k in overrides}
+        cfg = method_config(method, overrides, preset=preset, **fixed_fields)
+    else:
+        cfg = config
+        cfg.update(overrides)
+        cfg.validate()
     get_registration_method(cfg.features)
     torch_device(cfg.device)
     if out_dir is not None:
@@ -154,22 +164,36 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
     return register_aligned(pair, cfg, out_dir=out_dir)
 
 
-def method_config(method: str, settings: dict | None = None, **fixed) -> RegisterConfig:
-    """The :class:`RegisterConfig` of registry method ``method`` with per-method ``settings`` (``--set`` names):
-    applied as settings for a feature method, kept as the options of a peer."""
+def method_config(method: str, settings: dict | None = None, *, preset: str | None = "default",
+                  **fixed) -> RegisterConfig:
+    """The :class:`RegisterConfig` of registry method ``method``: a feature method starts from ``preset``
+    (:mod:`dinoreg_core.presets`; ``default`` = its default preset) with ``settings`` (``--set`` names) on top; a
+    peer keeps ``settings`` as its own options."""
     if get_registration_method(method).kind == "features":
-        return config_from(method, settings, **fixed)
-    return RegisterConfig(features=method, feature_options=dict(settings or {}), **fixed)
+        return config_from(method, settings, preset=preset, **fixed)
+    if preset not in (None, "default", "official"):
+        raise DinoregError(f"The method '{method}' takes no presets (it is a peer with its own options).")
+    items = settings.items() if hasattr(settings, "items") else (settings or [])
+    opts = {}
+    for k, v in items:  # a peer's options by their own names; the CLI's feat.NAME form is accepted
+        k = str(k)
+        for prefix in ("feat.", "feature_options."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        opts[k] = v
+    return RegisterConfig(features=method, feature_options=opts, **fixed)
 
 
 def register_methods(fixed, moving, methods, *, settings: dict | None = None, fixed_labels=None, moving_labels=None,
                      init: str = "none", fixed_modality: str | None = None, moving_modality: str | None = None,
                      label_map: dict | None = None, label_names: dict | None = None, device: str = "cpu",
-                     out_dir: str | os.PathLike | None = None, progress: bool = False) -> dict[str, RegistrationResult]:
+                     out_dir: str | os.PathLike | None = None, progress: bool = False,
+                     presets: str | dict | None = "default") -> dict[str, RegistrationResult]:
     """One pair, several methods: aligned once, then each method registered and evaluated on that same pair.
 
     ``settings``: {method: {setting: value}} (``--set`` names; a method's ``init`` setting, if any, aligns the pair
-    again with that initial alignment). ``out_dir``: files of method M go to ``out_dir/M``.
+    again with that initial alignment), applied on top of each method's preset (``presets``: one name for all, or
+    {method: name}; ``default`` = each method's default preset). ``out_dir``: files of method M go to ``out_dir/M``.
     Returns {method: :class:`RegistrationResult`} in the order of ``methods``.
     """
     from tqdm.auto import tqdm
@@ -177,8 +201,9 @@ def register_methods(fixed, moving, methods, *, settings: dict | None = None, fi
     pairs: dict[tuple, AlignedPair] = {}
     results = {}
     for m in tqdm(list(methods), desc="methods", disable=not progress):
-        cfg = method_config(m, (settings or {}).get(m), init=init, device=device, fixed_modality=fixed_modality,
-                            moving_modality=moving_modality)
+        preset = presets.get(m, "default") if isinstance(presets, dict) else presets
+        cfg = method_config(m, (settings or {}).get(m), preset=preset, init=init, device=device,
+                            fixed_modality=fixed_modality, moving_modality=moving_modality)
         key = (cfg.init, cfg.fixed_modality, cfg.moving_modality)
         if key not in pairs:
             with stage("align"):

@@ -43,25 +43,27 @@ def add_parser(sub) -> None:
     p.add_argument("--moving-modality", choices=["ct", "mr"], help="modality of MOVING (default: guessed)")
     p.add_argument("--out", default="dinoreg_out", help="output folder (created; default: dinoreg_out)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--preset", default="default", metavar="NAME|PATH",
+                   help="the method's registration settings to start from: official (the official ConvexAdam MIND "
+                        "defaults), authors (the seed paper's published settings), tuned (found by `dinoreg tune`) "
+                        "or a preset JSON file; default: the method's default preset (see dinoreg_core/presets/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, repeatable: ConvexAdam (grid_sp=6, disp_hw=4, lambda_weight=1.25, "
-                        "iterations=80, grid_sp_adam=2, ic=true, final_smooth=0, lr=1.0), pca_dim=12, seed=0, or a "
+                   help="override a setting on top of the preset, repeatable: ConvexAdam (grid_sp=6, disp_hw=4, lambda_weight=1.25, "
+                        "iterations=80, grid_sp_adam=2, ic=true, final_smooth=0, lr=1.0), pca_dim=12, feature_scale=1, seed=0, "
+                        "or a "
                         "feature option as feat.NAME=VALUE (e.g. feat.mind_r=1 feat.mind_d=2)")
     p.add_argument("--json", action="store_true", help="print metrics.json to stdout instead of tables")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..api import RegisterConfig, register
+    from ..api import method_config, register
     from ..labels import load_label_id_map
     from ..settings import parse_assignments
 
-    cfg = RegisterConfig(features=args.features, init=args.init, device=args.device,
-                         fixed_modality=args.fixed_modality, moving_modality=args.moving_modality)
-    if args.weights:
-        cfg.feature_options["weights"] = args.weights
-    cfg.update(parse_assignments(args.set))
-    cfg.convex.validate()
+    overrides = ([("feat.weights", args.weights)] if args.weights else []) + parse_assignments(args.set)
+    cfg = method_config(args.features, overrides, preset=args.preset, init=args.init, device=args.device,
+                        fixed_modality=args.fixed_modality, moving_modality=args.moving_modality)
     label_map = None
     if args.label_map:
         lm = Path(args.label_map)

@@ -34,6 +34,8 @@ class RegisterConfig:
     init: str = "none"  # initial alignment: none | com | affine
     device: str = "cpu"
     pca_dim: int = 12  # channels after joint PCA (methods with joint_pca)
+    feature_scale: float = 1.0  # multiplies the features handed to ConvexAdam (> 0; 1 = unchanged)
+    preset: str | None = None  # the preset these settings started from (name or file; recorded in config.json)
     fixed_modality: str | None = None  # "ct" | "mr" | None (guess from intensities)
     moving_modality: str | None = None
     seed: int = 0
@@ -60,17 +62,53 @@ class RegisterConfig:
     def method_options(self) -> dict:
         """The options of the registration method :attr:`features` (feature methods: pca_dim, seed, convex,
         feature_options; see :class:`~dinoreg_core.pipeline.feature_path.FeaturePathOptions`)."""
-        return {"pca_dim": self.pca_dim, "seed": self.seed, "convex": settings.to_dict(self.convex),
-                "feature_options": dict(self.feature_options)}
+        return {"pca_dim": self.pca_dim, "seed": self.seed, "feature_scale": self.feature_scale,
+                "convex": settings.to_dict(self.convex), "feature_options": dict(self.feature_options)}
+
+    def validate(self) -> "RegisterConfig":
+        """Check the values no type can express (ConvexAdam ranges, ``feature_scale > 0``); returns self."""
+        from ..errors import DinoregError
+
+        self.convex.validate()
+        check_feature_scale(self.feature_scale)
+        if int(self.pca_dim) < 1:
+            raise DinoregError(f"The setting pca_dim={self.pca_dim} must be a positive integer.")
+        return self
+
+
+def check_feature_scale(value: float) -> None:
+    """One sentence unless ``feature_scale`` is a positive number."""
+    from ..errors import DinoregError
+
+    if not float(value) > 0:
+        raise DinoregError(f"The setting feature_scale={value} must be a positive number (it multiplies the "
+                           f"features handed to ConvexAdam).")
 
 
 _TOP = {f.name for f in fields(RegisterConfig)}
 
 
-def config_from(features: str, overrides=None, **fixed) -> RegisterConfig:
-    """A :class:`RegisterConfig` for method ``features`` with ``fixed`` fields set and ``overrides`` applied
-    (a mapping or (key, value) pairs of ``--set`` names), validated."""
+def config_from(features: str, overrides=None, *, preset: str | None = "official", **fixed) -> RegisterConfig:
+    """A :class:`RegisterConfig` for method ``features`` with ``fixed`` fields set, then the settings of ``preset``
+    (:mod:`dinoreg_core.presets`: ``official`` = the code defaults, ``default`` = the method's default preset,
+    ``authors``, ``tuned`` or a file) and then ``overrides`` on top (a mapping or (key, value) pairs of ``--set``
+    names), validated."""
     cfg = RegisterConfig(features=features, **fixed)
+    cfg.preset = "official" if preset == "official" else None
+    if preset not in (None, "official"):
+        from ..presets import preset_for
+
+        feat = {}
+        items = (overrides or {}).items() if hasattr(overrides, "items") else (overrides or [])
+        for k, v in items:  # the weights the user asks for decide which weights' JSON may carry the preset
+            if str(k) in ("feat.weights", "feature_options.weights"):
+                feat["weights"] = v
+            elif str(k) in ("feat", "feature_options") and isinstance(v, dict) and "weights" in v:
+                feat["weights"] = v["weights"]
+        chosen = preset_for(features, preset, feat)
+        if chosen is not None:
+            cfg.update(chosen.settings)
+            cfg.preset = chosen.name
     cfg.update(overrides or {})
-    cfg.convex.validate()
+    cfg.validate()
     return cfg

@@ -5,7 +5,9 @@ Every extractor of :mod:`dinoreg_core.features.registry` becomes a registration 
 benchmarks all reach it through :mod:`.methods`, so ``mind`` or ``dino3d`` mean the same code wherever a number is
 printed.
 
-Options (:class:`FeaturePathOptions`): ``pca_dim``, ``seed``, ``convex`` (a
+Options (:class:`FeaturePathOptions`): ``pca_dim``, ``seed``, ``feature_scale`` (the features, after PCA and
+upsampling, are multiplied by it before ConvexAdam: both SSD costs scale by its square, so it trades the data term
+against the coupling and ``lambda_weight`` regularisation), ``convex`` (a
 :class:`~dinoreg_core.registration.convex_adam.ConvexAdamConfig`) and ``feature_options`` (checked against the
 extractor's own options dataclass). The ``--set`` short forms are accepted as keys: a ConvexAdam field by its own name
 (``grid_sp``) and a feature option as ``feat.NAME``.
@@ -25,7 +27,7 @@ from ..features.pca import joint_project, upsample
 from ..features.registry import checked_options, get_feature_method
 from ..preprocess import normalize_intensity
 from ..registration.convex_adam import ConvexAdamConfig, ConvexAdamTimings, convex_adam
-from .config import canonical_key
+from .config import canonical_key, check_feature_scale
 from .displacement import RegistrationMethod, RegistrationOutput
 
 
@@ -35,6 +37,7 @@ class FeaturePathOptions:
 
     pca_dim: int = 12  # channels after joint PCA (methods with joint_pca)
     seed: int = 0  # torch / numpy seed (PCA sampling)
+    feature_scale: float = 1.0  # multiplies the (PCA-reduced, upsampled) features handed to ConvexAdam; > 0
     convex: ConvexAdamConfig = field(default_factory=ConvexAdamConfig)
     feature_options: dict = field(default_factory=dict)
 
@@ -54,6 +57,7 @@ class FeaturePathOptions:
                     v = ",".join(map(str, v))
                 settings.set_value(opts, key, v)
         opts.convex.validate()
+        check_feature_scale(opts.feature_scale)
         opts.feature_options = checked_options(features, opts.feature_options)
         return opts
 
@@ -97,6 +101,8 @@ def _run(features: str):
         mn = normalize_intensity(moving.array, moving_modality)
         ff, mf = compute_features(features, fn, mn, fixed_modality=fixed_modality, moving_modality=moving_modality,
                                   device=device, pca_dim=opts.pca_dim, options=opts.feature_options, seed=opts.seed)
+        if opts.feature_scale != 1.0:
+            ff, mf = ff * opts.feature_scale, mf * opts.feature_scale
         t_feat = time.perf_counter() - t
         t = time.perf_counter()
         ct = ConvexAdamTimings()
