@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-from ..errors import DinoregError
 from ..pipeline import available_registration_methods
 from .common import print_label_table, print_result_summary
 
@@ -55,6 +53,7 @@ def run(args) -> int:
     from ..api import RegisterConfig, register
     from ..labels import load_label_id_map
     from ..settings import parse_assignments
+    from ..pipeline.checks import check_register_config
 
     cfg = RegisterConfig(features=args.features, init=args.init, device=args.device,
                          fixed_modality=args.fixed_modality, moving_modality=args.moving_modality)
@@ -62,13 +61,8 @@ def run(args) -> int:
         cfg.feature_options["weights"] = args.weights
     cfg.update(parse_assignments(args.set))
     cfg.convex.validate()
-    label_map = None
-    if args.label_map:
-        lm = Path(args.label_map)
-        try:
-            label_map = load_label_id_map(lm)
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
-            raise DinoregError(f"The label map {lm} could not be read as a JSON id -> id mapping.") from None
+    check_register_config(cfg)
+    label_map = load_label_id_map(args.label_map) if args.label_map else None
     if args.json:
         logging.getLogger("dinoreg").setLevel(logging.WARNING)  # stdout carries the JSON only
     res = register(args.fixed, args.moving, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
