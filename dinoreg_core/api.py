@@ -28,7 +28,9 @@ from .pipeline import (AlignedPair, Displacement, Metrics, RegisterConfig, align
                        get_registration_method, prepare_out_dir, write)
 from .pipeline.evaluate import label_metrics  # noqa: F401 - re-exported (older callers)
 from .pipeline.feature_path import compute_features  # noqa: F401 - re-exported (older callers)
+from .outputs import check_not_inputs
 from .progress import stage
+from .pipeline.checks import check_register_config, check_volume_size
 
 __all__ = ["RegisterConfig", "RegistrationResult", "register", "register_aligned", "register_methods", "method_config",
            "compute_features", "label_metrics"]
@@ -95,14 +97,20 @@ def result_of(pair: AlignedPair, disp: Displacement, metrics: Metrics, *, timing
                               metrics.to_dict(), timings, config, dict(outputs or {}))
 
 
-def register_aligned(pair: AlignedPair, cfg: RegisterConfig, *, out_dir: str | os.PathLike | None = None) -> RegistrationResult:
+def register_aligned(pair: AlignedPair, cfg: RegisterConfig, *, out_dir: str | os.PathLike | None = None,
+                     inputs=()) -> RegistrationResult:
     """Stages 2-4 on an aligned pair: register with method ``cfg.features``, evaluate, write (when ``out_dir``).
 
     Feature methods get :meth:`RegisterConfig.method_options`; peers get ``cfg.feature_options`` as their options.
     ``cfg.init`` and the modalities are those the pair was aligned with (they are recorded, not applied here).
+    ``inputs``: input paths besides the pair's scans (label maps) that no output may replace.
     """
     t0 = time.perf_counter()
     method = get_registration_method(cfg.features)
+    if method.kind == "features":
+        lo, hi = pair.box
+        check_volume_size([b - a for a, b in zip(lo, hi)], cfg.convex,
+                          f"fixed image {pair.fixed.path or ''} (registered box)".replace("  ", " "))
     device = torch_device(cfg.device)
     out = prepare_out_dir(out_dir) if out_dir is not None else None
     torch.manual_seed(cfg.seed)
@@ -119,7 +127,7 @@ def register_aligned(pair: AlignedPair, cfg: RegisterConfig, *, out_dir: str | o
     outputs = None
     if out is not None:
         with stage("write"):
-            outputs = write(out, pair, disp, metrics, config=config_dict, timings=timings)
+            outputs = write(out, pair, disp, metrics, config=config_dict, timings=timings, inputs=inputs)
     return result_of(pair, disp, metrics, timings=timings, config=config_dict, outputs=outputs)
 
 
@@ -153,15 +161,18 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
         cfg = config
         cfg.update(overrides)
         cfg.validate()
+    check_register_config(cfg)  # ranges, caps, feature options: before anything is loaded or written
     get_registration_method(cfg.features)
     torch_device(cfg.device)
+    inputs = [str(x) for x in (fixed, moving, fixed_labels, moving_labels) if isinstance(x, (str, os.PathLike))]
     if out_dir is not None:
+        check_not_inputs(out_dir, inputs)
         prepare_out_dir(out_dir)
     with stage("align"):
         pair = align(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, init=cfg.init,
                      fixed_modality=cfg.fixed_modality, moving_modality=cfg.moving_modality, label_map=label_map,
                      label_names=label_names)
-    return register_aligned(pair, cfg, out_dir=out_dir)
+    return register_aligned(pair, cfg, out_dir=out_dir, inputs=inputs)
 
 
 def method_config(method: str, settings: dict | None = None, *, preset: str | None = "default",

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import DinoregError
@@ -72,22 +74,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so temp files and staging folders are removed as on Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose - args.quiet)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         rc = args.func(args)
     except DinoregError as e:
         print("dinoreg: error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("dinoreg: interrupted; finished outputs are kept.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, Terminated) else "interrupted"
+        print(f"dinoreg: {what}; finished outputs are kept, partial ones removed.", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    except OSError as e:  # a read or write the checks could not foresee: disk full, permissions, a vanished file
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"dinoreg: error: a file operation failed{where} ({e.strerror or type(e).__name__}); outputs that "
+              f"were complete before are kept.", file=sys.stderr)
+        return 2
     except MemoryError:
         print("dinoreg: error: out of memory; try a coarser grid (--set grid_sp=...) or a smaller volume.",
               file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
 
 

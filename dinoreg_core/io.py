@@ -88,6 +88,9 @@ def _read_nifti(p: Path, what: str) -> nib.Nifti1Image:
         img = nib.load(str(p))
         if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
             raise DinoregError(f"The {what} file {p} is not a NIfTI image.")
+        from .validate import check_nifti_size
+
+        check_nifti_size(img, p, what)  # before the voxels are allocated
         img = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header) if isinstance(
             img, nib.Nifti2Image) else img
         # Force the data read now so truncation or corruption is reported here, not later.
@@ -96,7 +99,8 @@ def _read_nifti(p: Path, what: str) -> nib.Nifti1Image:
         raise
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
         detail = " ".join(str(e).split())
-        raise DinoregError(f"The {what} file {p} could not be read as NIfTI ({type(e).__name__}: {detail}).") from None
+        raise DinoregError(f"The {what} file {p} is damaged or truncated (could not be read as NIfTI: "
+                           f"{type(e).__name__}: {detail}).") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
         img = nib.Nifti1Image(data, img.affine, img.header)

@@ -22,11 +22,61 @@ TOTALSEG_MAIN_ABDOMEN = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "g
                          19: "duodenum", 52: "aorta", 63: "inferior_vena_cava", 64: "portal_vein_and_splenic_vein"}
 
 
+MAX_LABEL_ID = 65535  # largest label id accepted in a label map (uint16; TotalSegmentator uses < 120, Learn2Reg
+#                       < 20); ids are looked up in a table of max id + 1 entries, so larger ones are a mistake
+
+
+def _label_id(x, path, role: str) -> int:
+    """``x`` (a JSON key string or value) as a label id in 0..MAX_LABEL_ID, else one sentence naming it."""
+    from .errors import DinoregError
+
+    v = x
+    if isinstance(v, str):
+        try:
+            v = int(v.strip(), 10)
+        except ValueError:
+            raise DinoregError(f"The label map {path} has the {role} {x!r}, which is not an integer label id.") from None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise DinoregError(f"The label map {path} has the {role} {x!r}, which is not an integer label id.")
+    if v < 0:
+        raise DinoregError(f"The label map {path} has the negative {role} {v}; label ids are >= 0.")
+    if v > MAX_LABEL_ID:
+        raise DinoregError(f"The label map {path} has the {role} {v}, which is too large (label ids are at most "
+                           f"{MAX_LABEL_ID}).")
+    return v
+
+
 def load_label_id_map(path: str | Path) -> dict[int, int]:
     """Read a JSON map of moving label ids to fixed label ids into {moving_id: fixed_id}: values are ids or objects
-    with a ``total_id`` (as ``mr_label_ids_to_ct_label_ids.json``: TotalSegmentator MR id -> {"total_id": CT id})."""
-    raw = json.loads(Path(path).read_text())
-    return {int(k): int(v["total_id"] if isinstance(v, dict) else v) for k, v in raw.items()}
+    with a ``total_id`` (as ``mr_label_ids_to_ct_label_ids.json``: TotalSegmentator MR id -> {"total_id": CT id}).
+
+    Validated before use: one JSON object, keys and values integer ids in 0..:data:`MAX_LABEL_ID`; anything else
+    raises :class:`~dinoreg_core.errors.DinoregError` naming the file and the entry.
+    """
+    from .errors import DinoregError
+
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DinoregError(f"The label map {p} does not exist.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DinoregError(f"The label map {p} could not be read as JSON ({type(e).__name__}).") from None
+    if not isinstance(raw, dict):
+        raise DinoregError(f"The label map {p} must be a JSON object of moving id -> fixed id, not a "
+                           f"{type(raw).__name__}.")
+    out = {}
+    for k, v in raw.items():
+        if isinstance(v, dict):
+            if "total_id" not in v:
+                raise DinoregError(f"The label map {p} entry {k!r} is an object without 'total_id'.")
+            v = v["total_id"]
+        out[_label_id(k, p, "moving id")] = _label_id(v, p, "fixed id")
+    if not out:
+        raise DinoregError(f"The label map {p} is empty.")
+    return out
 
 
 def keep_labels(labels, ids) -> "np.ndarray":  # noqa: F821

@@ -38,6 +38,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -51,6 +52,7 @@ PROFILES = PACKAGE / "configs"
 NOTEBOOKS = PACKAGE.parent / "notebooks"
 STEPS = ("01_pretrain_3d_dino", "02_feature_maps", "03_evaluate_registration", "04_paper_figures")
 INJECTED = ("run_dir", "figures_dir", "tables_dir")
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a run id: one plain folder name
 
 
 # ---------------------------------------------------------------------------------------------- profiles
@@ -236,18 +238,31 @@ def run_step(step: str, params: dict, *, h: str, notebooks: Path, kernel: str, l
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def check_run_id(run_id: str) -> str:
+    """``run_id`` if it is a plain folder name (letters, digits, then also '-', '_', '.'; at most 64), else
+    DinoregError: a run id is joined to ``OUT/runs`` and friends, so '.', '..' or a path must never pass."""
+    if not isinstance(run_id, str) or not RUN_ID.fullmatch(run_id):
+        raise DinoregError(f"The run id {run_id!r} must start with a letter or digit and hold only letters, digits, "
+                           f"'-', '_' and '.' (at most 64 characters).")
+    return run_id
+
+
 def reproduce(profile: str, *, out="results", run_id: str | None = None, sets=(), kernel: str = "python3",
-              progress: bool = True, log_output: bool = False, notebooks: Path = NOTEBOOKS, force: bool = False) -> dict:
-    """Run the profile's notebooks in order (see the module docstring); returns the summary dict."""
+              progress: bool = True, log_output: bool = False, notebooks: Path = NOTEBOOKS, force: bool = False,
+              fresh: bool = False) -> dict:
+    """Run the profile's notebooks in order (see the module docstring); returns the summary dict.
+
+    ``fresh``: after every check passed, delete this run's earlier folders (:func:`clean_run`) and run every step.
+    """
     from tqdm.auto import tqdm
 
     prof = load_profile(profile)
-    run_id = run_id or prof["name"]
-    if not run_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise DinoregError(f"The run id '{run_id}' may hold only letters, digits, '-', '_' and '.'.")
+    run_id = check_run_id(run_id or prof["name"])
     out = Path(out).resolve()
     params = resolve(prof, out=out, run_id=run_id, sets=sets, notebooks=notebooks)
     run_dir, figs, tabs = (Path(params[next(iter(params))][k]) for k in INJECTED)
+    if fresh:
+        clean_run(out, run_id)
     try:
         for d in (run_dir / "steps", figs, tabs):
             d.mkdir(parents=True, exist_ok=True)
@@ -299,8 +314,43 @@ def print_summary(s: dict) -> None:
     print(f"resolved parameters: {s['tables_dir']}/parameters.json")
 
 
-def clean_run(out, run_id: str) -> None:
-    """Remove a run's folders (``--fresh``)."""
+def run_folders(out, run_id: str) -> tuple[Path, Path, Path]:
+    """``OUT/runs/RUN``, ``OUT/figures/RUN``, ``OUT/tables/RUN`` (``run_id`` checked first)."""
+    check_run_id(run_id)
     out = Path(out)
-    for d in (out / "runs" / run_id, out / "figures" / run_id, out / "tables" / run_id):
-        shutil.rmtree(d, ignore_errors=True)
+    return out / "runs" / run_id, out / "figures" / run_id, out / "tables" / run_id
+
+
+def _written_by_run(folder: Path, run_id: str) -> bool:
+    """True when ``folder/parameters.json`` is the record :func:`reproduce` writes for run ``run_id``."""
+    try:
+        rec = json.loads((folder / "parameters.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and rec.get("run_id") == run_id
+
+
+def clean_run(out, run_id: str) -> list[Path]:
+    """Remove the folders an earlier ``reproduce`` of run ``run_id`` wrote under ``out`` (``--fresh``); returns them.
+
+    Safe by construction: the run id is a plain name (:func:`check_run_id`); a folder is removed only when it lies
+    inside ``out`` (links resolved), is not itself a link, and its run wrote it (``runs/RUN`` and ``tables/RUN``
+    hold the ``parameters.json`` naming this run; ``figures/RUN`` goes with them). A folder of that name not
+    written by a run is refused, one sentence, before anything is removed."""
+    out = Path(out).resolve()
+    folders = run_folders(out, run_id)
+    existing = [d for d in folders if os.path.lexists(d)]
+    for d in existing:
+        if d.is_symlink() or not d.is_dir() or out not in d.resolve().parents:
+            raise DinoregError(f"--fresh refuses to remove {d}: it is a link, not a folder, or lies outside --out "
+                               f"{out}.")
+    run_dir, figs, tabs = folders
+    for d in (run_dir, tabs):
+        if d in existing and not _written_by_run(d, run_id):
+            raise DinoregError(f"--fresh refuses to remove {d}: it holds no parameters.json of run '{run_id}', so "
+                               f"dinoreg reproduce did not write it; remove it yourself or choose another --run-id.")
+    if figs in existing and run_dir not in existing and tabs not in existing:
+        raise DinoregError(f"--fresh refuses to remove {figs}: no record of run '{run_id}' beside it.")
+    for d in existing:
+        shutil.rmtree(d)
+    return existing

@@ -32,17 +32,23 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
     from ..ssl import dist
     from ..ssl.train import load_config, resolve_config_path, train
+    from ..validate import check_pretrain_config
 
     out = Path(args.out)
     cfg_path = resolve_config_path(args.config, out, args.resume)
     overrides = list(args.set) + (["progress=false"] if args.no_progress else [])
     cfg = load_config(cfg_path, overrides)
+    check_pretrain_config(cfg)
     try:
         res = train(cfg, args.data, out, resume=args.resume)
     finally:
         dist.cleanup()
     if res["rank"] != 0:
         return 0
+    if res.get("skipped_scans"):
+        n = len(res["skipped_scans"])
+        print(f"skipped {n} damaged scan{'s' if n > 1 else ''} (made in the main process; see the warnings): "
+              + ", ".join(res["skipped_scans"]))
     if "export" in res:
         print(f"exported teacher backbone: {res['export']}")
     else:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
-from ..errors import DinoregError
 from ..pipeline import available_registration_methods
 from .common import print_label_table, print_result_summary
 
@@ -60,10 +58,12 @@ def run(args) -> int:
     from ..api import method_config, register
     from ..labels import load_label_id_map
     from ..settings import parse_assignments
+    from ..pipeline.checks import check_register_config
 
     overrides = ([("feat.weights", args.weights)] if args.weights else []) + parse_assignments(args.set)
     cfg = method_config(args.features, overrides, preset=args.preset, init=args.init, device=args.device,
                         fixed_modality=args.fixed_modality, moving_modality=args.moving_modality)
+    check_register_config(cfg)
     label_map = None
     if args.label_map:
         lm = Path(args.label_map)

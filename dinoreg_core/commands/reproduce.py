@@ -28,7 +28,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="[NN.]KEY=VALUE",
                    help="override a notebook parameter (all notebooks having it, or notebook NN only); JSON values")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel (default python3 = this Python)")
-    p.add_argument("--fresh", action="store_true", help="delete this run's folders first and run every step")
+    p.add_argument("--fresh", action="store_true", help="after the checks, delete the folders this run wrote before (only those, only inside --out) and run every step")
     p.add_argument("--force", action="store_true", help="run every step even if finished (keeps the data)")
     p.add_argument("--log-output", action="store_true", help="echo the notebooks' cell output while they run")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -36,11 +36,9 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..reproduce import clean_run, load_profile, print_summary, reproduce
+    from ..reproduce import print_summary, reproduce
 
-    if args.fresh:
-        clean_run(args.out, args.run_id or load_profile(args.profile)["name"])
     s = reproduce(args.profile, out=args.out, run_id=args.run_id, sets=args.set, kernel=args.kernel,
-                  progress=not args.no_progress, log_output=args.log_output, force=args.force)
+                  progress=not args.no_progress, log_output=args.log_output, force=args.force, fresh=args.fresh)
     print_summary(s)
     return 0

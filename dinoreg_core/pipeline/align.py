@@ -20,6 +20,7 @@ from .. import io
 from ..errors import DinoregError
 from ..preprocess import guess_modality, resample_to, world_overlap_fraction
 from ..registration.initial import initial_alignment
+from ..validate import check_not_constant
 
 MIN_OVERLAP = 0.05  # fraction of fixed voxels the moving scan must cover in world space
 MIN_BOX_VOXELS = 16  # the covered box keeps at least this many voxels per axis (coarse grids stay meaningful)
@@ -123,6 +124,8 @@ def align(fixed, moving, *, fixed_labels=None, moving_labels=None, init: str = "
         io.check_same_grid(fvol, flab)
     if mlab is not None:
         io.check_same_grid(mvol, mlab)
+    for vol, what in ((fvol, "fixed image"), (mvol, "moving image")):
+        check_not_constant(vol, what)
     fmod = fixed_modality or guess_modality(fvol.array)
     mmod = moving_modality or guess_modality(mvol.array)
     t_load = time.perf_counter() - t0

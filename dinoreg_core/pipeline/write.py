@@ -17,6 +17,7 @@ import numpy as np
 from .. import io
 from ..atomic import write_json_atomic
 from ..errors import DinoregError
+from ..outputs import OutputSet, strict_json
 from .align import AlignedPair
 from .evaluate import Metrics
 from .displacement import Displacement
@@ -35,9 +36,20 @@ def prepare_out_dir(out: str | os.PathLike) -> Path:
 
 
 def write(out: str | os.PathLike, pair: AlignedPair, disp: Displacement, metrics: Metrics, *,
-          config: dict | None = None, timings: dict | None = None) -> dict[str, str]:
-    """Write the files of one registration into ``out`` (see the module docstring); returns {kind: path}."""
+          config: dict | None = None, timings: dict | None = None, inputs=()) -> dict[str, str]:
+    """Write the files of one registration into ``out`` (see the module docstring); returns {kind: path}.
+
+    The set is staged and committed last by ``outputs.json`` (:class:`dinoreg_core.outputs.OutputSet`): a failure
+    leaves ``out`` as it was; a reused ``out`` holds the new set as a whole. ``inputs``: further input paths (label
+    maps) that no output may replace (the scans' own paths are always included)."""
     out = prepare_out_dir(out)
+    with OutputSet(out, inputs=[pair.fixed.path, pair.moving.path, *inputs]) as staged:
+        return staged.commit(_write_files(staged.dir, pair, disp, metrics, config=config, timings=timings))
+
+
+def _write_files(out: Path, pair: AlignedPair, disp: Displacement, metrics: Metrics, *,
+                 config: dict | None = None, timings: dict | None = None) -> dict[str, Path]:
+    """The files of one registration written into the folder ``out``; returns {kind: path}."""
     f, moving = pair.fixed, pair.moving
     field = disp.numpy()
     files = {
@@ -54,8 +66,8 @@ def write(out: str | os.PathLike, pair: AlignedPair, disp: Displacement, metrics
         pass
     payload = {"fixed": f.path, "moving": moving.path, "init_transform_fixed_world_to_moving_world":
                pair.world_transform.tolist(), "metrics": metrics.to_dict(), "timings": dict(timings or {})}
-    write_json_atomic(out / "metrics.json", payload)
-    write_json_atomic(out / "config.json", dict(config or {}))
+    write_json_atomic(out / "metrics.json", strict_json(payload))  # strict JSON: null, never NaN
+    write_json_atomic(out / "config.json", strict_json(dict(config or {})))
     files["metrics"] = out / "metrics.json"
     files["config"] = out / "config.json"
-    return {k: str(v) for k, v in files.items()}
+    return files

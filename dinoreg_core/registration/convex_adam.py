@@ -63,15 +63,37 @@ class ConvexAdamConfig:
     cost_volume_max_mb: float = 512.0  # above this the discrete stage takes its per-cell argmins slab by slab
 
     def validate(self) -> "ConvexAdamConfig":
+        """Raise DinoregError (one sentence) unless every field is finite and within its range.
+
+        Ranges (the caps keep a run from becoming absurd): grid_sp 1..32 and grid_sp_adam 1..16 voxels per cell;
+        disp_hw 0..8 (cap: the cost volume holds (2*disp_hw+1)^3 candidates per cell, 4913 at 8 = 6.7x the
+        default's 729; disp_hw 40 took 254 s); iterations 0..10000 (cap: 10x the largest count in the paper);
+        lr (0, 10] cells per step (cap: larger steps overshoot the whole grid; 1e20 gave 1e18-voxel fields);
+        lambda_weight 0..1000; cost_scale (0, 1e4]; final_smooth 0 or odd 1..15; ic_iterations 0..100;
+        coupling_weights 1..20 finite values > 0.
+        """
         from ..errors import DinoregError
 
-        for name in ("grid_sp", "grid_sp_adam"):
-            if int(getattr(self, name)) < 1:
-                raise DinoregError(f"ConvexAdam setting {name}={getattr(self, name)} must be a positive integer.")
-        if self.disp_hw < 0:
-            raise DinoregError(f"ConvexAdam setting disp_hw={self.disp_hw} must be >= 0.")
-        if self.iterations < 0 or self.lambda_weight < 0:
-            raise DinoregError("ConvexAdam settings iterations and lambda_weight must be >= 0.")
+        def check(name, lo, hi, *, integer=False, low_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+                raise DinoregError(f"ConvexAdam setting {name}={v!r} must be {'an integer' if integer else 'a number'}.")
+            if not math.isfinite(v):
+                raise DinoregError(f"ConvexAdam setting {name}={v!r} is not a finite number.")
+            if v < lo or v > hi or (low_open and v == lo):
+                rng = f"({lo}, {hi}]" if low_open else f"{lo}..{hi}"
+                kind = " (a positive integer)" if integer and lo == 1 else ""
+                raise DinoregError(f"ConvexAdam setting {name}={v!r} is out of range; allowed {rng}{kind}.")
+
+        check("grid_sp", 1, 32, integer=True)
+        check("grid_sp_adam", 1, 16, integer=True)
+        check("disp_hw", 0, 8, integer=True)
+        check("iterations", 0, 10000, integer=True)
+        check("ic_iterations", 0, 100, integer=True)
+        check("final_smooth", 0, 15, integer=True)
+        check("lr", 0.0, 10.0, low_open=True)
+        check("lambda_weight", 0.0, 1000.0)
+        check("cost_scale", 0.0, 1e4, low_open=True)
         if self.final_smooth and self.final_smooth % 2 == 0:
             raise DinoregError(f"ConvexAdam setting final_smooth={self.final_smooth} must be odd (or 0).")
         if self.early_stop_patience < 0 or self.early_stop_tol < 0:
@@ -81,6 +103,10 @@ class ConvexAdamConfig:
                                f"{', '.join(_STORAGE_DTYPES)}.")
         if self.cost_volume_max_mb <= 0:
             raise DinoregError(f"ConvexAdam setting cost_volume_max_mb={self.cost_volume_max_mb} must be > 0.")
+        w = tuple(self.coupling_weights)
+        if not 1 <= len(w) <= 20 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                             and math.isfinite(x) and x > 0 for x in w):
+            raise DinoregError(f"ConvexAdam setting coupling_weights={list(w)!r} must be 1..20 finite numbers > 0.")
         return self
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,10 @@ import torch
 from ..data.augment import AugmentConfig, make_views
 from ..data.render import RenderConfig, check_families
 from ..errors import DinoregError
+
+# what loading a damaged scan raises (io and corpus loaders wrap most in DinoregError; the rest come from nibabel,
+# gzip and numpy); such a scan is skipped, not fatal
+SCAN_ERRORS = (DinoregError, OSError, EOFError, ValueError, RuntimeError, zlib.error)
 from .masking import random_block_mask
 
 
@@ -150,6 +156,7 @@ class PretrainViews(torch.utils.data.Dataset):
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._partner_cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._perm_epoch, self._perm = -1, None
+        self.skipped: dict[int, str] = {}  # damaged scans met in this process: index -> reason
 
     def __len__(self) -> int:           # the stream is unbounded; a sampler picks the indices
         return 2 ** 62
@@ -161,6 +168,28 @@ class PretrainViews(torch.utils.data.Dataset):
             g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, salt=1))
             self._perm, self._perm_epoch = torch.randperm(n, generator=g), epoch
         return int(self._perm[i % n])
+
+    def _skip(self, v: int, e: Exception) -> None:
+        """Record the damaged scan ``v`` and say so once (stderr: this may run in a DataLoader worker)."""
+        if v not in self.skipped:
+            self.skipped[v] = " ".join(str(e).split())[:200]
+            print(f"dinoreg pretrain: warning: skipped the damaged scan {self.source.name(v)} "
+                  f"({len(self.skipped)} skipped so far): {self.skipped[v]}", file=sys.stderr)
+
+    def good_volume(self, v: int) -> tuple[int, torch.Tensor]:
+        """(index, tensor) of scan ``v``, or of the next readable scan after it when ``v`` is damaged (the same
+        substitute every time, so the sample stream stays a pure function of (seed, index) and resumes exactly)."""
+        n = len(self.source)
+        for k in range(n):
+            u = (v + k) % n
+            if u in self.skipped:
+                continue
+            try:
+                return u, self.volume(u)
+            except SCAN_ERRORS as e:
+                self._skip(u, e)
+        raise DinoregError(f"Every scan of the pretraining data {self.source.path} is damaged or unreadable "
+                           f"({len(self.skipped)} skipped).")
 
     def volume(self, v: int) -> torch.Tensor:
         if v in self._cache:
@@ -183,7 +212,13 @@ class PretrainViews(torch.utils.data.Dataset):
         if key in self._partner_cache:
             self._partner_cache.move_to_end(key)
             return self._partner_cache[key]
-        t = torch.from_numpy(np.ascontiguousarray(self.source.load_partner(v, j)))
+        if j in self.skipped:
+            return None
+        try:
+            t = torch.from_numpy(np.ascontiguousarray(self.source.load_partner(v, j)))
+        except SCAN_ERRORS as e:
+            self._skip(j, e)
+            return None
         if self.cache_size > 0:
             self._partner_cache[key] = t
             while len(self._partner_cache) > self.cache_size:
@@ -193,7 +228,7 @@ class PretrainViews(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         v = self.volume_index(int(i))
         g = torch.Generator().manual_seed(sample_seed(self.seed, int(i)))
-        volume = self.volume(v)                                          # first: records v's grid for the partner
+        v, volume = self.good_volume(v)                # first: records v's grid for the partner; skips damaged scans
         partner = self.partner(v, g) if self.augment.partner_prob > 0 else None
         views = make_views(volume, self.augment, g, partner=partner)
         grid = (self.augment.global_size // self.patch_size,) * 3

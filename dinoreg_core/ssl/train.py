@@ -61,6 +61,7 @@ from ..atomic import atomic_path, write_json_atomic
 from ..data.augment import AugmentConfig
 from ..errors import DinoregError
 from ..models.vit3d import CONFIGS, ViT3D, ViT3DConfig
+from . import checkpoints as ckpts
 from . import dist as D
 from .data import (MaskConfig, PretrainViews, StepBatchSampler, StreamConfig, StreamViews, VolumeSource,
                    collate_views, sample_seed)
@@ -383,12 +384,13 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
     if cfg.batch_size % world:
         raise DinoregError(f"batch_size={cfg.batch_size} is not divisible by the {world} processes.")
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        if ckpt_path.exists() and not resume:
+        if (ckpt_path.exists() or (out / ckpts.PREVIOUS).exists()) and not resume:
             raise DinoregError(f"The run folder {out} already holds a checkpoint; pass --resume to continue it or "
                                f"choose another --out.")
-        write_json_atomic(out / "config.json", config_to_dict(cfg))
-    D.barrier()
+    ck, ck_used = None, ckpt_path
+    if resume and (ckpt_path.exists() or (out / ckpts.PREVIOUS).exists()):  # verified before anything is written
+        ck, ck_used = ckpts.load_verified(out)
+        ckpts.check_config(ck["config"], config_to_dict(cfg), ck_used)
     seed_everything(cfg.seed)                     # the same initial weights on every process
 
     # ---- data: global sample index -> views (pure function of (seed, index))
@@ -422,10 +424,17 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     torch.manual_seed(sample_seed(cfg.seed, rank, salt=2))   # per-process stream (drop path)
 
-    # ---- resume
+    # ---- resume (the checkpoint was read and its config checked above; now its tensors against the networks)
     step, samples = 0, 0
-    if resume and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ck is not None:
+        ckpts.check_shapes(ck, {"student": student, "teacher": teacher, "dino_center": dino_center,
+                                "ibot_center": ibot_center}, ck_used)
+    if master:  # config.json only now: a refused resume leaves the run folder as it was
+        out.mkdir(parents=True, exist_ok=True)
+        ckpts.sweep(out)
+        write_json_atomic(out / "config.json", config_to_dict(cfg))
+    D.barrier()
+    if ck is not None:
         student.load_state_dict(ck["student"])
         teacher.load_state_dict(ck["teacher"])
         dino_center.load_state_dict(ck["dino_center"])
@@ -436,7 +445,7 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
         if len(ck["rng"]) == world:
             set_rng_state(ck["rng"][rank])
         if master:
-            print(f"dinoreg pretrain: resumed {ckpt_path} at step {step}", file=sys.stderr)
+            print(f"dinoreg pretrain: resumed {ck_used} at step {step}", file=sys.stderr)
             if ck.get("data") != describe_data():
                 print(f"dinoreg pretrain: warning: the data {describe_data()} differ from the checkpoint's "
                       f"{ck.get('data')}; the sample stream continues on the new data", file=sys.stderr)
@@ -454,8 +463,7 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
                      "student": student.state_dict(), "teacher": teacher.state_dict(),
                      "dino_center": dino_center.state_dict(), "ibot_center": ibot_center.state_dict(),
                      "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "rng": rngs}
-            with atomic_path(ckpt_path) as tmp:
-                torch.save(state, tmp)
+            ckpts.save(state, out)  # atomic; the previous checkpoint kept as checkpoint.prev.pt
 
     def export_teacher(stem: Path) -> Path:
         from ..models.checkpoint import save_backbone
@@ -605,7 +613,7 @@ def train(cfg: PretrainConfig, data: str | os.PathLike, out: str | os.PathLike, 
 
     # ---- export the teacher backbone
     result = {"run_dir": str(out), "step": step, "samples": samples, "world_size": world, "rank": rank,
-              "last": last_row}
+              "last": last_row, "skipped_scans": [real.source.name(v) for v in sorted(real.skipped)] if real else []}
     if step >= cfg.steps and master:
         result["export"] = str(export_teacher(out / "teacher_backbone"))
     if log is not None:

@@ -56,8 +56,9 @@ def pretrain_or_shipped(mode: str, data, run_dir, *, config: str | None = "demo"
                     "message": f"using the given dino3d weights {w} (no pretraining)"}
         w = shipped_weights()
         if w is not None:
-            log = shipped_log()
-            return {"weights": str(w), "source": "shipped", "log": str(log) if log else None, "seconds": 0.0,
+            shipped_csv = shipped_log()  # not "log": that name is the module's logger, used below
+            return {"weights": str(w), "source": "shipped", "log": str(shipped_csv) if shipped_csv else None,
+                    "seconds": 0.0,
                     "message": f"using the shipped demo weights {w} (no pretraining)"}
         if mode == "skip":
             raise DinoregError("train='skip' needs dino3d weights, but none were given and the shipped demo weights "
