@@ -161,14 +161,19 @@ def compute_features(method_name: str, fixed_img: np.ndarray, moving_img: np.nda
 
 
 def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, warped_labels: np.ndarray, spacing,
-                  label_names: dict | None = None) -> list[dict]:
-    """One row per label present in both the fixed map and the moving map (on the fixed grid, before warping):
-    Dice before/after, HD95 (mm, voxels) after."""
-    ids = sorted((set(np.unique(fixed_labels).tolist()) & set(np.unique(moving_labels).tolist())) - {0})
-    before = dice_per_label(fixed_labels, moving_labels, ids)
-    after = dice_per_label(fixed_labels, warped_labels, ids)
-    hd_mm = hd95_per_label(fixed_labels, warped_labels, spacing, ids)
-    hd_vox = hd95_per_label(fixed_labels, warped_labels, (1.0, 1.0, 1.0), ids)
+                  label_names: dict | None = None, moving_original: np.ndarray | None = None) -> list[dict]:
+    """One row per label present in both the fixed map and the moving map: Dice before/after, HD95 (mm, voxels)
+    after, with Learn2Reg's rule (a label that vanished after warping is Dice 0, HD95 inf).
+
+    ``moving_labels`` is the moving map on the fixed grid before warping; ``moving_original`` the moving map on its
+    own grid (default ``moving_labels``), which decides which labels are present (as in the Learn2Reg evaluation).
+    """
+    mo = moving_labels if moving_original is None else moving_original
+    ids = sorted((set(np.unique(fixed_labels).tolist()) & set(np.unique(mo).tolist())) - {0})
+    before = dice_per_label(fixed_labels, moving_labels, ids, moving_labels=mo)
+    after = dice_per_label(fixed_labels, warped_labels, ids, moving_labels=mo)
+    hd_mm = hd95_per_label(fixed_labels, warped_labels, spacing, ids, moving_labels=mo)
+    hd_vox = hd95_per_label(fixed_labels, warped_labels, (1.0, 1.0, 1.0), ids, moving_labels=mo)
     rows = []
     for i in ids:
         rows.append({"label": i, "name": (label_names or {}).get(i, str(i)), "dice_initial": before[i],
@@ -184,7 +189,7 @@ def _nanmean(values) -> float:
 
 def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: RegisterConfig | None = None,
              out_dir: str | os.PathLike | None = None, label_map: dict | None = None,
-             label_names: dict | None = None, **overrides) -> RegistrationResult:
+             label_names: dict | None = None, export: tuple = (), **overrides) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and (optionally) evaluate and write the results.
 
     Args:
@@ -197,6 +202,8 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
             ``disp_FFFF_MMMM.nii.gz`` when the file names follow the Learn2Reg pattern.
         label_map: moving label id -> fixed label id (e.g. TotalSegmentator MR -> CT ids); unmapped ids become 0.
         label_names: fixed label id -> name for the metrics.
+        export: extra transform formats to write into ``out_dir``: ``("itk",)`` writes the ITK/ANTs/Slicer files
+            of :mod:`dinoreg_core.export_itk`.
 
     Returns:
         :class:`RegistrationResult`.
@@ -272,6 +279,12 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
         if mov_lab is not None:
             warped_lab = warp_labels(torch.from_numpy(mov_lab)[None, None].to(device), disp)[0, 0].cpu().numpy()
     disp_np = disp[0].cpu().numpy().astype(np.float32)
+    if not same_grid:  # p15: sample the moving file once through the whole transform (as ITK / Learn2Reg do)
+        from .registration.whole_transform import warp_whole
+
+        warped = warp_whole(mvol, fvol, disp_np, T)
+        if mlab is not None:
+            warped_lab = _apply_label_map(warp_whole(mlab, fvol, disp_np, T, labels=True), label_map)
     timings = {"load_s": t_load, "init_s": t_init, "features_s": t_feat, "convex_adam_s": t_reg,
                "discrete_s": ct.seconds.get("discrete", 0.0), "adam_s": ct.seconds.get("adam", 0.0),
                "total_s": time.perf_counter() - t0, "peak_rss_mb": _peak_rss_mb()}
@@ -280,7 +293,8 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
 
     metrics: dict = {"field": field_metrics(disp_crop), "registered_box": [list(map(int, b)) for b in box]}
     if flab is not None and warped_lab is not None:
-        rows = label_metrics(flab.array, mov_lab, warped_lab, fvol.spacing, label_names)
+        rows = label_metrics(flab.array, mov_lab, warped_lab, fvol.spacing, label_names,
+                             moving_original=_apply_label_map(mlab.array, label_map))
         metrics["labels"] = rows
         metrics["summary"] = {
             "dice_initial": _nanmean(r["dice_initial"] for r in rows), "dice": _nanmean(r["dice"] for r in rows),
@@ -288,8 +302,19 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
     res = RegistrationResult(disp_np, fvol, mov_img, warped, T, flab.array if flab is not None else None, mov_lab,
                              warped_lab, metrics, timings, _config_dict(cfg, fmod, mmod))
     if out is not None:
-        res.outputs = write_outputs(res, out, mvol)
+        res.outputs = write_outputs(res, out, mvol, moving_labels=mlab, fixed_labels=flab, label_map=label_map,
+                                    export=export)
     return res
+
+
+def _apply_label_map(lab: np.ndarray, label_map: dict | None) -> np.ndarray:
+    """Moving label ids -> fixed ids (unmapped ids become 0); ``lab`` unchanged without a map."""
+    if not label_map:
+        return lab
+    lut = np.zeros(int(max(lab.max(), max(label_map))) + 1, dtype=np.int32)
+    for k, v in label_map.items():
+        lut[int(k)] = int(v)
+    return lut[lab]
 
 
 def overlap_box(mvol: io.Volume, fvol: io.Volume, T: np.ndarray, same_grid: bool):
@@ -337,8 +362,12 @@ def _prepare_out_dir(out: Path) -> None:
         raise DinoregError(f"The output folder {out} is not writable.")
 
 
-def write_outputs(res: RegistrationResult, out: Path, moving: io.Volume) -> dict:
-    """Write displacement, warped image/labels, metrics and config into ``out`` (each file atomically)."""
+def write_outputs(res: RegistrationResult, out: Path, moving: io.Volume, *, moving_labels: io.Volume | None = None,
+                  fixed_labels: io.Volume | None = None, label_map: dict | None = None, export: tuple = ()) -> dict:
+    """Write displacement, warped image/labels, metrics and config into ``out`` (each file atomically).
+
+    Also the Learn2Reg file of the whole transform (with its metrics by the official rules in ``metrics.json``
+    under ``learn2reg``), and with ``export=("itk",)`` the ITK/ANTs/Slicer transforms."""
     f = res.fixed
     files = {
         "displacement": io.save_displacement(res.displacement, f, out / "disp.nii.gz"),
@@ -348,11 +377,17 @@ def write_outputs(res: RegistrationResult, out: Path, moving: io.Volume) -> dict
         files["moving_on_fixed"] = io.save_image(res.moving_on_fixed, f, out / "moving_on_fixed_grid.nii.gz")
     if res.warped_labels is not None:
         files["warped_labels"] = io.save_labels(res.warped_labels, f, out / "warped_labels.nii.gz")
-    try:
-        name = io.l2r_displacement_name(f.path or "", moving.path or "")
-        files["l2r_displacement"] = io.save_displacement(res.displacement, f, out / name)
-    except DinoregError:
-        pass
+    from .evaluation.l2r_submission import pair_outputs  # p15: whole transform, official names and metrics
+
+    l2r = pair_outputs(res.displacement, f, moving, res.init_transform, out, fixed_labels=fixed_labels,
+                       moving_labels=moving_labels, moving_label_lut=label_map)
+    if l2r["file"]:
+        files["l2r_displacement"] = l2r["file"]
+    res.metrics["learn2reg"] = {"file": l2r["file"], "note": l2r["note"], **(l2r["metrics"] or {})}
+    if "itk" in export:
+        from .export_itk import export_itk
+
+        files.update(export_itk(res.displacement, f, res.init_transform, out))
     payload = {"fixed": f.path, "moving": moving.path, "init_transform_fixed_world_to_moving_world":
                res.init_transform.tolist(), "metrics": res.metrics, "timings": res.timings}
     write_json_atomic(out / "metrics.json", payload)

@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     "dinoreg_core.commands.demo",
     "dinoreg_core.commands.pretrain",
     "dinoreg_core.commands.reproduce",
+    "dinoreg_core.commands.l2r",
 ]
 
 

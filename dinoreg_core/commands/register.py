@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
                    help="override a setting, repeatable: ConvexAdam (grid_sp=6, disp_hw=4, lambda_weight=1.25, "
                         "iterations=80, grid_sp_adam=2, ic=true, final_smooth=0, lr=1.0), pca_dim=12, seed=0, or a "
                         "feature option as feat.NAME=VALUE (e.g. feat.mind_r=1 feat.mind_d=2)")
+    p.add_argument("--export", action="append", default=[], choices=["itk"],
+                   help="also write transforms for other tools: itk = itk_composite.nii.gz (whole transform, one "
+                        "displacement field), itk_deformable.nii.gz and itk_initial_affine.tfm/.mat for ITK, ANTs, Slicer")
     p.add_argument("--json", action="store_true", help="print metrics.json to stdout instead of tables")
     p.set_defaults(func=run)
 
@@ -77,7 +80,7 @@ def run(args) -> int:
         except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
             raise DinoregError(f"The label map {lm} could not be read as a JSON id -> id mapping.") from None
     res = register(args.fixed, args.moving, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
-                   config=cfg, out_dir=args.out, label_map=label_map)
+                   config=cfg, out_dir=args.out, label_map=label_map, export=tuple(args.export))
     if args.json:
         print(Path(res.outputs["metrics"]).read_text())
         return 0
