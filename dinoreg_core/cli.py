@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "dinoreg_core.commands.pretrain",
     "dinoreg_core.commands.reproduce",
     "dinoreg_core.commands.l2r",
+    "dinoreg_core.commands.notebooks",
 ]
 
 
