@@ -199,7 +199,9 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
             ``grid_sp=4``) are applied on top by name.
         out_dir: when given, writes ``disp.nii.gz`` (fixed file's voxel axes, (D,H,W,3)), ``warped.nii.gz``,
             ``warped_labels.nii.gz``, ``metrics.json`` and ``config.json`` there (atomically), plus the Learn2Reg file
-            ``disp_FFFF_MMMM.nii.gz`` when the file names follow the Learn2Reg pattern.
+            of the whole transform (``disp_FFFF_MMMM.nii.gz`` or the long name, see
+            :func:`dinoreg_core.io.l2r_displacement_name`) when the names follow the Learn2Reg pattern and both files
+            share one grid; ``metrics.json["metrics"]["learn2reg"]`` holds its official-rule metrics or the reason.
         label_map: moving label id -> fixed label id (e.g. TotalSegmentator MR -> CT ids); unmapped ids become 0.
         label_names: fixed label id -> name for the metrics.
         export: extra transform formats to write into ``out_dir``: ``("itk",)`` writes the ITK/ANTs/Slicer files

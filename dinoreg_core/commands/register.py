@@ -18,9 +18,11 @@ def add_parser(sub) -> None:
         description=(
             "Register MOVING to FIXED with dense features and ConvexAdam (no labels or training needed).\n\n"
             "Writes into --out: disp.nii.gz (displacement on the fixed grid, (D,H,W,3) in fixed voxels, backward:\n"
-            "warped(x) = moving(x + disp(x)), in the fixed file's own voxel axes), disp_FFFF_MMMM.nii.gz (the same,\n"
-            "Learn2Reg name, when the file names follow the Learn2Reg pattern), warped.nii.gz, warped_labels.nii.gz\n"
-            "(with --moving-labels), metrics.json and config.json. Outputs are in the fixed scan's orientation."),
+            "warped(x) = moving(x + disp(x)), in the fixed file's own voxel axes; the deformable part), the Learn2Reg\n"
+            "file disp_FFFF_MMMM.nii.gz (the whole transform, initial alignment included, indexing the moving file's\n"
+            "grid; written when the names follow the Learn2Reg pattern and both files share one grid), warped.nii.gz,\n"
+            "warped_labels.nii.gz (with --moving-labels), metrics.json and config.json; with --export itk also\n"
+            "itk_composite.nii.gz etc. for ITK/ANTs/Slicer. Outputs are in the fixed scan's orientation."),
         epilog=("examples:\n"
                 "  dinoreg register fixed.nii.gz moving.nii.gz --out result\n"
                 "  dinoreg register ct.nii.gz mr.nii.gz --fixed-labels ct_seg.nii.gz --moving-labels mr_seg.nii.gz \\\n"
