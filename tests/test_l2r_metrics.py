@@ -11,6 +11,7 @@ from dinoreg_core.evaluation import metrics as M
 from dinoreg_core.evaluation.l2r_submission import case_metrics, warp_labels_l2r
 
 sd = pytest.importorskip("surface_distance", reason="surface-distance (HD95 reference) is not installed")
+pytestmark = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")  # the package's scipy imports
 
 
 def _cube(shape, lo, hi, label=1):
