@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup peers-env demo test bench reproduce demo-weights clean
+.PHONY: setup peers-env demo test wheel-check bench reproduce demo-weights clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ demo: setup
 test: setup
 	-$(MAKE) peers-env
 	$(BIN)/python -m pytest -q
+
+# The installed wheel does the whole job: build it, install it into a fresh venv in a temporary folder (dependencies
+# linked from $(VENV); WHEEL_CHECK_FULL=1 installs them from the index too) and run dinoreg demo, dinoreg notebooks
+# and dinoreg reproduce --help from another temporary folder (.ci/wheel_check.sh).
+wheel-check: setup
+	DEPS_PY=$(BIN)/python bash .ci/wheel_check.sh
 
 # The notebook suite 01-04 on the synthetic cohort (about 15-20 min on 2 CPU cores); resumable.
 reproduce: setup

@@ -241,6 +241,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "figures" / "jupyterlab_widget.png")
     ap.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     ap.add_argument("--run-timeout", type=float, default=900.0, help="seconds allowed for running the notebook")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary folder (notebook, JupyterLab home, log)")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="dinoreg-lab-"))
@@ -252,15 +253,26 @@ def main() -> None:
     else:
         nb = write_demo_notebook(folder / "slice_viewer_demo.ipynb")
     port, token = free_port(), secrets.token_hex(16)
-    proc = start_jupyterlab(folder, port, token, home)
+    ok = False
     try:
-        wait_for_server(port, token, proc)
-        print(f"jupyter lab on 127.0.0.1:{port} serving {folder}")
-        drive(f"http://127.0.0.1:{port}/lab/tree/{nb.name}?token={token}&reset", args.out, args.chromium,
-              args.run_timeout)
+        proc = start_jupyterlab(folder, port, token, home)
+        try:
+            wait_for_server(port, token, proc)
+            print(f"jupyter lab on 127.0.0.1:{port} serving {folder}")
+            drive(f"http://127.0.0.1:{port}/lab/tree/{nb.name}?token={token}&reset", args.out, args.chromium,
+                  args.run_timeout)
+            ok = True
+        finally:
+            stop(proc)
     finally:
-        stop(proc)
-        print(f"jupyter lab stopped; its log: {home / 'jupyterlab.log'}")
+        log = home / "jupyterlab.log"
+        if not ok and log.exists():  # the folder goes away below: show the end of the server log first
+            print("jupyter lab log (last lines):\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
+        if args.keep:
+            print(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+            print(f"jupyter lab stopped; removed {work}")
 
 
 if __name__ == "__main__":

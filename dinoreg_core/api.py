@@ -98,7 +98,7 @@ def result_of(pair: AlignedPair, disp: Displacement, metrics: Metrics, *, timing
 
 
 def register_aligned(pair: AlignedPair, cfg: RegisterConfig, *, out_dir: str | os.PathLike | None = None,
-                     inputs=()) -> RegistrationResult:
+                     inputs=(), export=()) -> RegistrationResult:
     """Stages 2-4 on an aligned pair: register with method ``cfg.features``, evaluate, write (when ``out_dir``).
 
     Feature methods get :meth:`RegisterConfig.method_options`; peers get ``cfg.feature_options`` as their options.
@@ -127,13 +127,15 @@ def register_aligned(pair: AlignedPair, cfg: RegisterConfig, *, out_dir: str | o
     outputs = None
     if out is not None:
         with stage("write"):
-            outputs = write(out, pair, disp, metrics, config=config_dict, timings=timings, inputs=inputs)
+            outputs = write(out, pair, disp, metrics, config=config_dict, timings=timings, inputs=inputs,
+                            export=export)
     return result_of(pair, disp, metrics, timings=timings, config=config_dict, outputs=outputs)
 
 
 def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: RegisterConfig | None = None,
              out_dir: str | os.PathLike | None = None, label_map: dict | None = None,
-             label_names: dict | None = None, preset: str | None = "default", **overrides) -> RegistrationResult:
+             label_names: dict | None = None, preset: str | None = "default", export: tuple = (),
+             **overrides) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` and (optionally) evaluate and write the results.
 
     Args:
@@ -147,6 +149,8 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
         out_dir: when given, writes the files of :func:`dinoreg_core.pipeline.write` there (atomically).
         label_map: moving label id -> fixed label id (e.g. TotalSegmentator MR -> CT ids); unmapped ids become 0.
         label_names: fixed label id -> name for the metrics.
+        export: extra transform formats to write into ``out_dir``: ``("itk",)`` writes the ITK/ANTs/Slicer files
+            of :mod:`dinoreg_core.export_itk`.
 
     Returns:
         :class:`RegistrationResult`.
@@ -172,7 +176,7 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
         pair = align(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, init=cfg.init,
                      fixed_modality=cfg.fixed_modality, moving_modality=cfg.moving_modality, label_map=label_map,
                      label_names=label_names)
-    return register_aligned(pair, cfg, out_dir=out_dir, inputs=inputs)
+    return register_aligned(pair, cfg, out_dir=out_dir, inputs=inputs, export=tuple(export))
 
 
 def method_config(method: str, settings: dict | None = None, *, preset: str | None = "default",

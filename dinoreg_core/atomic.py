@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary file in the target folder, then rename.
 
-A crash or error mid-write therefore never leaves a half-written file under the final name.
+A crash or error mid-write therefore never leaves a half-written file under the final name. The file gets the
+mode a plain ``open(path, "w")`` would give it: the mode of the file it replaces, else ``0o666`` less the umask
+(``tempfile.mkstemp`` alone would leave every output ``0o600``).
 """
 
 from __future__ import annotations
@@ -8,9 +10,32 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+NEW_FILE_MODE = 0o666  # what open() asks for; the umask takes its bits away
+
+
+def current_umask() -> int:
+    """The process umask (read without changing it where /proc allows; else set and restored at once)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _final_mode(path: Path) -> int:
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return NEW_FILE_MODE & ~current_umask()
 
 
 @contextlib.contextmanager
@@ -28,6 +53,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _final_mode(path))
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

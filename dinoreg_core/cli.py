@@ -30,6 +30,8 @@ SUBCOMMANDS = [
     "dinoreg_core.commands.pretrain",
     "dinoreg_core.commands.reproduce",
     "dinoreg_core.commands.tune",
+    "dinoreg_core.commands.l2r",
+    "dinoreg_core.commands.notebooks",
 ]
 
 

@@ -31,6 +31,37 @@ def shared_data_dir() -> Path:
     return Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
+DEMO_CT_NAME = "ct_abdomen_pelvis.nii.gz"
+DATA_ENV = "DINOREG_SHARED_DATA"  # a folder holding real/ct_abdomen_pelvis.nii.gz (or the CT itself)
+
+
+def find_demo_ct(data: str | os.PathLike | None = None) -> tuple[Path | None, list[str]]:
+    """The real demo CT and the places looked at.
+
+    ``data`` (``dinoreg demo --data``) may be the CT file or a folder holding it directly or in ``real/``; a
+    ``data`` that holds no CT is an error. Without it: ``$DINOREG_SHARED_DATA`` (same forms), then
+    ``../shared/data/real`` beside a checkout. Returns (path or None, the candidates tried).
+    """
+    def candidates(p: Path) -> list[Path]:
+        return [p] if p.suffix == ".gz" or p.suffix == ".nii" else [p / DEMO_CT_NAME, p / "real" / DEMO_CT_NAME]
+
+    if data is not None:
+        cands = candidates(Path(data))
+        for c in cands:
+            if c.is_file():
+                return c, [str(x) for x in cands]
+        raise DinoregError(f"The demo data {data} holds no {DEMO_CT_NAME} (looked at {', '.join(map(str, cands))}).")
+    tried = []
+    env = os.environ.get(DATA_ENV)
+    roots = ([Path(env)] if env else []) + [Path(__file__).resolve().parents[1].parent / "shared" / "data"]
+    for r in roots:
+        for c in candidates(r):
+            tried.append(str(c))
+            if c.is_file():
+                return c, tried
+    return None, tried
+
+
 @dataclass
 class DemoPair:
     fixed: io.Volume

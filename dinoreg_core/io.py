@@ -288,24 +288,116 @@ def load_displacement(path: str | os.PathLike, ref: Volume) -> np.ndarray:
 # ---------------------------------------------------------------------------------------- Learn2Reg
 
 _CASE_RE = re.compile(r"_(\d{4})_(\d{4})\.nii(\.gz)?$")
+GRID_ATOL_MM = 1e-3  # voxel sizes closer than this are the same grid
+
+
+def l2r_case_modality(path: str | os.PathLike) -> tuple[str, str]:
+    """(case, modality) of a Learn2Reg file name ``TASK_CCCC_MMMM.nii.gz``, as 4-digit strings."""
+    m = _CASE_RE.search(str(path))
+    if not m:
+        raise DinoregError(f"The file name {Path(path).name} does not follow the Learn2Reg TASK_CCCC_MMMM.nii.gz pattern.")
+    return m.group(1), m.group(2)
 
 
 def l2r_case_id(path: str | os.PathLike) -> int:
     """The case number of a Learn2Reg file name ``TASK_CCCC_MMMM.nii.gz`` (CCCC)."""
-    m = _CASE_RE.search(str(path))
-    if not m:
-        raise DinoregError(f"The file name {Path(path).name} does not follow the Learn2Reg TASK_CCCC_MMMM.nii.gz pattern.")
-    return int(m.group(1))
+    return int(l2r_case_modality(path)[0])
+
+
+def l2r_short_name_allowed(fixed_modality: str, moving_modality: str) -> bool:
+    """Whether the official evaluation looks for the short name ``disp_FFFF_MMMM`` for this modality pair.
+
+    It does for equal modalities and for fixed ``0000`` <- moving ``0001``; for every other pattern it looks only
+    for the full name ``disp_FFFF_ffff_MMMM_mmmm`` (and ignores a short one).
+    """
+    return fixed_modality == moving_modality or (fixed_modality == "0000" and moving_modality == "0001")
 
 
 def l2r_displacement_name(fixed_path: str | os.PathLike, moving_path: str | os.PathLike) -> str:
-    """Learn2Reg submission file name ``disp_FFFF_MMMM.nii.gz`` for a pair."""
-    return f"disp_{l2r_case_id(fixed_path):04d}_{l2r_case_id(moving_path):04d}.nii.gz"
+    """The Learn2Reg submission file name the official evaluation expects for a pair (see
+    :func:`l2r_short_name_allowed`): ``disp_FFFF_MMMM.nii.gz`` or ``disp_FFFF_ffff_MMMM_mmmm.nii.gz``."""
+    fc, fm = l2r_case_modality(fixed_path)
+    mc, mm = l2r_case_modality(moving_path)
+    if l2r_short_name_allowed(fm, mm):
+        return f"disp_{fc}_{mc}.nii.gz"
+    return f"disp_{fc}_{fm}_{mc}_{mm}.nii.gz"
 
 
-def save_l2r_displacement(disp: np.ndarray, ref: Volume, out_dir: str | os.PathLike, fixed_path, moving_path) -> Path:
-    """Write a Learn2Reg submission file ``disp_FFFF_MMMM.nii.gz`` (D,H,W,3 voxels) into ``out_dir``."""
-    return save_displacement(disp, ref, Path(out_dir) / l2r_displacement_name(fixed_path, moving_path))
+def whole_transform_coords(disp: np.ndarray, fixed: Volume, moving: Volume, world_transform: np.ndarray | None,
+                           *, moving_file_axes: bool = False) -> np.ndarray:
+    """Where each canonical fixed voxel samples the moving image, through the whole transform.
+
+    The registration's point map is ``p -> p + u(p)`` (canonical fixed voxels) followed by the initial world
+    transform ``T`` (fixed world -> moving world). This returns, for every canonical fixed voxel ``p``,
+    ``inv(A_moving) @ T @ A_fixed @ (p + u(p))``.
+
+    Args:
+        disp: (3,D,H,W) canonical fixed-voxel displacement (the registration's deformable part).
+        fixed, moving: the two volumes (canonical), with their file affines.
+        world_transform: (4,4) fixed world -> moving world (identity when None).
+        moving_file_axes: coordinates in the moving *file's* voxel axes (else its canonical axes).
+
+    Returns:
+        (3,D,H,W) float64 moving voxel coordinates.
+    """
+    t = np.eye(4) if world_transform is None else np.asarray(world_transform, dtype=np.float64)
+    a_mov = moving.original_affine if moving_file_axes else moving.affine
+    m = np.linalg.inv(a_mov) @ t @ fixed.affine
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in fixed.shape], indexing="ij"))
+    q = grid + np.asarray(disp, dtype=np.float64)
+    return np.einsum("ij,j...->i...", m[:3, :3], q) + m[:3, 3].reshape(3, 1, 1, 1)
+
+
+def l2r_grid_problem(fixed: Volume, moving: Volume) -> str | None:
+    """One sentence on why a Learn2Reg field cannot express this pair, or None when it can.
+
+    The evaluation samples the moving file at ``identity + disp`` with the identity of the fixed file's grid, so
+    the field is in voxels of one grid used for both: the two files must have the same shape and voxel size.
+    """
+    fs, ms = tuple(fixed.original_shape), tuple(moving.original_shape)
+    fsp = np.linalg.norm(np.asarray(fixed.original_affine)[:3, :3], axis=0)
+    msp = np.linalg.norm(np.asarray(moving.original_affine)[:3, :3], axis=0)
+    if fs != ms or not np.allclose(fsp, msp, atol=GRID_ATOL_MM):
+        return (f"No Learn2Reg displacement file was written: the fixed file (shape {fs}, voxels "
+                f"{tuple(np.round(fsp, 3))} mm) and the moving file (shape {ms}, voxels {tuple(np.round(msp, 3))} mm) "
+                f"are on different grids, which a Learn2Reg field in voxels of one grid cannot index.")
+    return None
+
+
+def l2r_whole_field(disp: np.ndarray, fixed: Volume, moving: Volume, world_transform: np.ndarray | None) -> np.ndarray:
+    """The Learn2Reg submission field of the whole transform: (D',H',W',3) float32 in the fixed *file's* voxel axes.
+
+    For a fixed file voxel x the official evaluation samples the moving file at ``x + field[x]``
+    (``map_coordinates(moving, identity + field)``); this field makes that sample the point the registration
+    (initial transform composed with the deformable part) maps x to. Raises :class:`DinoregError` when the two
+    files are on different grids (see :func:`l2r_grid_problem`).
+    """
+    problem = l2r_grid_problem(fixed, moving)
+    if problem:
+        raise DinoregError(problem)
+    coords = whole_transform_coords(disp, fixed, moving, world_transform, moving_file_axes=True)
+    coords_file = to_original_orientation(coords, fixed)  # grid reordered; the values are moving file indices
+    ident = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in coords_file.shape[1:]], indexing="ij"))
+    return np.moveaxis(coords_file - ident, 0, -1).astype(np.float32)
+
+
+def save_l2r_field(field: np.ndarray, fixed: Volume, path: str | os.PathLike) -> Path:
+    """Write a (D',H',W',3) Learn2Reg field (from :func:`l2r_whole_field`) with the fixed file's affine."""
+    return _atomic_nifti(np.asarray(field, np.float32), fixed.original_affine, path)
+
+
+def save_l2r_displacement(disp: np.ndarray, ref: Volume, out_dir: str | os.PathLike, fixed_path, moving_path,
+                          moving: Volume | None = None, world_transform: np.ndarray | None = None) -> Path:
+    """Write the Learn2Reg submission file for a pair into ``out_dir`` under the name the evaluation expects.
+
+    ``disp`` is the canonical deformable part; with ``moving`` (and ``world_transform``) the whole transform is
+    written (:func:`l2r_whole_field`), else ``disp`` alone in the fixed file's voxel axes (same grid, no initial
+    alignment).
+    """
+    target = Path(out_dir) / l2r_displacement_name(fixed_path, moving_path)
+    if moving is None:
+        return save_displacement(disp, ref, target)
+    return save_l2r_field(l2r_whole_field(disp, ref, moving, world_transform), ref, target)
 
 
 @dataclass
@@ -318,10 +410,17 @@ class L2RPair:
     moving_labels: Path | None = None
     fixed_mask: Path | None = None
     moving_mask: Path | None = None
+    fixed_keypoints: Path | None = None  # keypoints*/ csv (N,3 voxel coordinates), for TRE
+    moving_keypoints: Path | None = None
 
     @property
     def name(self) -> str:
         return f"{l2r_case_id(self.fixed):04d}_{l2r_case_id(self.moving):04d}"
+
+    @property
+    def submission_name(self) -> str:
+        """The file name the official evaluation expects for this pair (``disp_FFFF_MMMM.nii.gz`` or the long form)."""
+        return l2r_displacement_name(self.fixed, self.moving)
 
 
 @dataclass
@@ -344,10 +443,21 @@ class L2RDataset:
     raw: dict
 
 
-def _sibling(root: Path, image_rel: str, folder: str) -> Path | None:
+def _sibling(root: Path, image_rel: str, folder: str, suffix: str | None = None) -> Path | None:
     p = (root / image_rel).resolve()
-    cand = p.parent.parent / folder / p.name
+    name = p.name if suffix is None else re.sub(r"\.nii(\.gz)?$", suffix, p.name)
+    cand = p.parent.parent / folder / name
     return cand if cand.exists() else None
+
+
+def _keypoint_folder(image_rel: str, fixed_rel: str, moving_rel: str) -> str:
+    """``keypointsTr`` for pairs of one modality (or 0000 <- 0001), ``keypointsXYTr`` otherwise (the evaluation's rule)."""
+    split = Path(image_rel).parent.name.replace("images", "")  # "Tr" / "Ts"
+    (_, fm), (_, mm) = l2r_case_modality(fixed_rel), l2r_case_modality(moving_rel)
+    if l2r_short_name_allowed(fm, mm):
+        return f"keypoints{split}"
+    lo, hi = sorted([int(fm), int(mm)])
+    return f"keypoints{lo}{hi}{split}"
 
 
 def read_l2r_dataset(json_path: str | os.PathLike) -> L2RDataset:
@@ -376,8 +486,13 @@ def read_l2r_dataset(json_path: str | os.PathLike) -> L2RDataset:
         lst = []
         for item in val:
             f, m = (root / item["fixed"]).resolve(), (root / item["moving"]).resolve()
+            fk = mk = None
+            if _CASE_RE.search(item["fixed"]) and _CASE_RE.search(item["moving"]):
+                kp = _keypoint_folder(item["fixed"], item["fixed"], item["moving"])
+                fk, mk = _sibling(root, item["fixed"], kp, ".csv"), _sibling(root, item["moving"], kp, ".csv")
             lst.append(L2RPair(f, m, _sibling(root, item["fixed"], "labelsTr"), _sibling(root, item["moving"], "labelsTr"),
-                               _sibling(root, item["fixed"], "masksTr"), _sibling(root, item["moving"], "masksTr")))
+                               _sibling(root, item["fixed"], "masksTr"), _sibling(root, item["moving"], "masksTr"),
+                               fk, mk))
         pairs[key] = lst
     name = raw.get("name") or jp.name.replace("_dataset.json", "")
     return L2RDataset(root, name, labels, pairs, raw)

@@ -49,7 +49,8 @@ from .errors import DinoregError
 
 PACKAGE = Path(__file__).resolve().parent
 PROFILES = PACKAGE / "configs"
-NOTEBOOKS = PACKAGE.parent / "notebooks"
+# p15: an installed wheel ships the suite as dinoreg_core/notebooks/; a checkout (or editable install) has notebooks/.
+NOTEBOOKS = PACKAGE / "notebooks" if (PACKAGE / "notebooks").is_dir() else PACKAGE.parent / "notebooks"
 STEPS = ("01_pretrain_3d_dino", "02_feature_maps", "03_evaluate_registration", "04_paper_figures")
 INJECTED = ("run_dir", "figures_dir", "tables_dir")
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a run id: one plain folder name
@@ -123,8 +124,8 @@ def resolve(profile: dict, *, out: Path, run_id: str, sets=(), notebooks: Path =
     for step in steps:
         nb = notebooks / f"{step}.ipynb"
         if not nb.is_file():
-            raise DinoregError(f"The notebook {nb} does not exist (run dinoreg reproduce from a checkout of the "
-                               f"repository).")
+            raise DinoregError(f"The notebook {nb} does not exist (the installed package lacks its notebooks; "
+                               f"reinstall dinoreg or run from a checkout).")
         known = notebook_parameters(nb)
         p = {k: v for k, v in (profile.get("common") or {}).items() if k in known}
         for k, v in (profile["steps"][step] or {}).items():

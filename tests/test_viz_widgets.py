@@ -251,3 +251,29 @@ def test_papermill_run_stores_a_static_figure(tmp_path, monkeypatch, real_dir):
     assert len(data) == 1 and "image/png" in data[0]
     assert "application/vnd.jupyter.widget-view+json" not in data[0]
     assert base64.b64decode(data[0]["image/png"])[:4] == b"\x89PNG"
+
+
+def test_each_view_keeps_its_last_slice(viewer, pair):
+    c = viewer.controls
+    c["axis"].value = "axial"
+    c["index"].value = 12
+    c["axis"].value = "coronal"
+    c["index"].value = 7
+    c["axis"].value = "sagittal"  # first visit: the default slice
+    assert c["index"].value == viewer.default_index("sagittal")
+    c["axis"].value = "axial"
+    assert c["index"].value == 12 and viewer.current()["index"] == 12
+    c["axis"].value = "coronal"
+    assert c["index"].value == 7 and viewer.state["index"] == 7
+
+
+def test_difference_and_jacobian_figures_keep_the_figure_width(viewer):
+    from dinoreg_core.viz.widgets import FIGURE_WIDTH_IN
+
+    widths = {}
+    for layer, overlay in (("fixed", "none"), ("difference", "none"), ("jacobian", "fixed"), ("warped", "fixed")):
+        viewer.set(layer=layer, overlay=overlay)
+        widths[(layer, overlay)] = viewer.figure().get_size_inches()[0]
+    assert all(abs(w - FIGURE_WIDTH_IN) < 1e-6 for w in widths.values()), widths
+    # the widget lets the image shrink to its output area instead of overflowing it
+    assert viewer.image_widget.layout.max_width == "100%" and viewer.widget.layout.flex_flow == "row wrap"

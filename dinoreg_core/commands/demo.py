@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
                    help="comma-separated methods (default: dino3d,mind when the demo weights exist, else mind)")
     p.add_argument("--max-disp-mm", type=float, default=10.0, help="largest displacement of the known field (mm)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random field")
+    p.add_argument("--data", default=None,
+                   help="the real CT (ct_abdomen_pelvis.nii.gz) or a folder holding it (directly or in real/); default: "
+                        "$DINOREG_SHARED_DATA, then ../shared/data beside a checkout, else a synthetic subject")
     p.add_argument("--out", default="results/demo", help="output folder; one sub-folder per method (default: results/demo)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -47,7 +50,13 @@ def run(args) -> int:
 
     methods = [m.strip() for m in (args.features or default_methods()).split(",") if m.strip()]
     sets = dict(parse_assignments(args.set))
-    pair = known_deformation_pair(max_disp_mm=args.max_disp_mm, seed=args.seed)
+    from ..demo import find_demo_ct  # data discovery with a notice on fallback
+
+    ct, tried = find_demo_ct(args.data)
+    if ct is None:
+        log.warning(f"notice: no real demo CT found (looked at {', '.join(tried)}); using a synthetic subject. "
+                    f"Give --data DIR or set DINOREG_SHARED_DATA.")
+    pair = known_deformation_pair(max_disp_mm=args.max_disp_mm, seed=args.seed, ct_path=ct)
     log.info(f"demo pair: {pair.source} warped by a smooth random field (max {args.max_disp_mm:.1f} mm)")
     sp = pair.fixed.spacing
     before = displacement_error_mm(np.zeros_like(pair.true_disp), pair.true_disp, sp, pair.body_mask)

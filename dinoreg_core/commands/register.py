@@ -17,9 +17,11 @@ def add_parser(sub) -> None:
         description=(
             "Register MOVING to FIXED with dense features and ConvexAdam (no labels or training needed).\n\n"
             "Writes into --out: disp.nii.gz (displacement on the fixed grid, (D,H,W,3) in fixed voxels, backward:\n"
-            "warped(x) = moving(x + disp(x)), in the fixed file's own voxel axes), disp_FFFF_MMMM.nii.gz (the same,\n"
-            "Learn2Reg name, when the file names follow the Learn2Reg pattern), warped.nii.gz, warped_labels.nii.gz\n"
-            "(with --moving-labels), metrics.json and config.json. Outputs are in the fixed scan's orientation."),
+            "warped(x) = moving(x + disp(x)), in the fixed file's own voxel axes; the deformable part), the Learn2Reg\n"
+            "file disp_FFFF_MMMM.nii.gz (the whole transform, initial alignment included, indexing the moving file's\n"
+            "grid; written when the names follow the Learn2Reg pattern and both files share one grid), warped.nii.gz,\n"
+            "warped_labels.nii.gz (with --moving-labels), metrics.json and config.json; with --export itk also\n"
+            "itk_composite.nii.gz etc. for ITK/ANTs/Slicer. Outputs are in the fixed scan's orientation."),
         epilog=("examples:\n"
                 "  dinoreg register fixed.nii.gz moving.nii.gz --out result\n"
                 "  dinoreg register ct.nii.gz mr.nii.gz --fixed-labels ct_seg.nii.gz --moving-labels mr_seg.nii.gz \\\n"
@@ -50,6 +52,9 @@ def add_parser(sub) -> None:
                         "iterations=80, grid_sp_adam=2, ic=true, final_smooth=0, lr=1.0), pca_dim=12, feature_scale=1, seed=0, "
                         "or a "
                         "feature option as feat.NAME=VALUE (e.g. feat.mind_r=1 feat.mind_d=2)")
+    p.add_argument("--export", action="append", default=[], choices=["itk"],
+                   help="also write transforms for other tools: itk = itk_composite.nii.gz (whole transform, one "
+                        "displacement field), itk_deformable.nii.gz and itk_initial_affine.tfm/.mat for ITK, ANTs, Slicer")
     p.add_argument("--json", action="store_true", help="print metrics.json to stdout instead of tables")
     p.set_defaults(func=run)
 
@@ -74,7 +79,7 @@ def run(args) -> int:
     if args.json:
         logging.getLogger("dinoreg").setLevel(logging.WARNING)  # stdout carries the JSON only
     res = register(args.fixed, args.moving, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
-                   config=cfg, out_dir=args.out, label_map=label_map)
+                   config=cfg, out_dir=args.out, label_map=label_map, export=tuple(args.export))
     if args.json:
         print(Path(res.outputs["metrics"]).read_text())
         return 0

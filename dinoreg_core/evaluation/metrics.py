@@ -1,25 +1,38 @@
 """Registration metrics, with the Learn2Reg definitions.
 
-* Dice per label: 2|A∩B| / (|A|+|B|); a label absent from the fixed or the moving (warped) map gives NaN and is
-  left out of means.
-* HD95: 95th percentile of the symmetric surface distances between the label surfaces, in mm (anisotropic
-  spacing respected) and in voxels (what Learn2Reg reports: the surface-distance toolkit on unit spacing).
-  The surface of a label is its boundary voxels (label voxels with a 6-neighbour outside the label); the
-  distances from each surface to the other are pooled and their 95th percentile taken.
+* Dice per label: 2|A∩B| / (|A|+|B|) of the fixed map A and the warped map B. Learn2Reg's rule: NaN (left out of
+  means) only where the label is absent from the fixed map or from the *original* moving map; a label that
+  vanishes after warping counts as 0.
+* HD95: the robust (95th percentile) Hausdorff distance of DeepMind's ``surface_distance`` package
+  (``compute_robust_hausdorff(compute_surface_distances(...), 95)``), which the official Learn2Reg evaluation
+  uses: surfaces are the voxel-corner points between inside and outside, each weighted by the area of its
+  surface elements, and the larger of the two directed 95th percentiles is reported. In mm (anisotropic spacing
+  respected) and in voxels (unit spacing, what Learn2Reg reports). NaN under the Dice rule above; ``inf`` for a
+  label that vanished after warping (there is no surface to measure to; the package's own answer).
 * SDlogJ: standard deviation of log(J), J the Jacobian determinant of x -> x + u(x), over voxels with J > 0
   (plain); the Learn2Reg variant takes log(clip(J + 3, 1e-9, 1e9)) on the field cropped by 2 voxels at every
-  border (it adds 3 to be defined for folded voxels).
+  border (it adds 3 to be defined for folded voxels), optionally inside a mask (AbdomenMRCT evaluates it in the
+  fixed mask). Derivatives are central differences.
 * Folding: percentage of voxels with J <= 0.
-* TRE: mean Euclidean distance in mm between fixed landmarks mapped by the field and the moving landmarks.
+* TRE: Euclidean distance in mm between fixed landmarks mapped by the field and the moving landmarks; the
+  Learn2Reg form interpolates the field with cubic splines and measures in the moving image's voxel size.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from ..errors import DinoregError
 from ..registration.warp import jacobian_determinant
+
+HD_PERCENTILE = 95.0
+L2R_JAC_OFFSET = 3.0  # Learn2Reg adds 3 to J before the log
+L2R_JAC_CLIP = (1e-9, 1e9)
+L2R_BORDER = 2  # voxels cropped at every border before the Learn2Reg SDlogJ
 
 
 def _as_np(x) -> np.ndarray:
@@ -31,50 +44,82 @@ def _as_np(x) -> np.ndarray:
     return x
 
 
-def dice_per_label(fixed_labels, warped_labels, labels=None) -> dict[int, float]:
-    """Dice of every label id (NaN when the label is absent from either map).
+def _label_ids(a: np.ndarray, b: np.ndarray) -> list[int]:
+    return sorted((set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0})
+
+
+def dice_per_label(fixed_labels, warped_labels, labels=None, moving_labels=None) -> dict[int, float]:
+    """Dice of every label id with Learn2Reg's rule for missing labels.
 
     Args:
         fixed_labels, warped_labels: (D,H,W) integer arrays (or tensors with leading singleton dims).
-        labels: ids to evaluate; default all non-zero ids present in either map.
+        labels: ids to evaluate; default all non-zero ids of the fixed and the moving (else warped) map.
+        moving_labels: the moving map before warping (any grid); a label absent from it is NaN. When not given,
+            only a label absent from the fixed map is NaN.
+
+    Returns:
+        id -> Dice in [0, 1]; NaN where the label is absent from the fixed or the original moving map; 0 where it
+        is present in both but vanished from the warped map.
     """
     a, b = _as_np(fixed_labels), _as_np(warped_labels)
+    m = _as_np(moving_labels) if moving_labels is not None else None
     if labels is None:
-        labels = sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0})
+        labels = _label_ids(a, m if m is not None else b)
+    present_m = set(np.unique(m).tolist()) if m is not None else None
     out = {}
     for lab in labels:
         x, y = a == lab, b == lab
         sx, sy = int(x.sum()), int(y.sum())
-        out[int(lab)] = float("nan") if sx == 0 or sy == 0 else 2.0 * float(np.logical_and(x, y).sum()) / (sx + sy)
+        if sx == 0 or (present_m is not None and int(lab) not in present_m):
+            out[int(lab)] = float("nan")
+        else:
+            out[int(lab)] = 2.0 * float(np.logical_and(x, y).sum()) / (sx + sy)
     return out
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1), border_value=0)
-    return mask & ~eroded
+def _surface_distance_module():
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import surface_distance
+    except ImportError:
+        raise DinoregError("HD95 needs the surface-distance package (pip install surface-distance==0.1), "
+                           "DeepMind's implementation that the Learn2Reg evaluation uses.") from None
+    return surface_distance
 
 
-def hd95(fixed_mask, moving_mask, spacing=(1.0, 1.0, 1.0), percentile: float = 95.0) -> float:
-    """Symmetric 95th-percentile Hausdorff distance between two binary masks, in the units of ``spacing``.
+def hd95(fixed_mask, warped_mask, spacing=(1.0, 1.0, 1.0), percentile: float = HD_PERCENTILE) -> float:
+    """Robust Hausdorff distance (``surface_distance`` definition) of two binary masks, in ``spacing`` units.
 
-    NaN when either mask is empty.
+    NaN when the fixed mask is empty; ``inf`` when only the warped mask is empty (no surface to reach).
     """
-    a, b = _as_np(fixed_mask).astype(bool), _as_np(moving_mask).astype(bool)
-    if not a.any() or not b.any():
+    a, b = _as_np(fixed_mask).astype(bool), _as_np(warped_mask).astype(bool)
+    if not a.any():
         return float("nan")
-    sa, sb = _surface(a), _surface(b)
-    dt_b = ndimage.distance_transform_edt(~sb, sampling=spacing)
-    dt_a = ndimage.distance_transform_edt(~sa, sampling=spacing)
-    d = np.concatenate([dt_b[sa], dt_a[sb]])
-    return float(np.percentile(d, percentile))
+    if not b.any():
+        return float("inf")
+    sd = _surface_distance_module()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the package imports from scipy.ndimage.filters
+        dist = sd.compute_surface_distances(a, b, np.asarray(spacing, dtype=np.float64))
+        return float(sd.compute_robust_hausdorff(dist, float(percentile)))
 
 
-def hd95_per_label(fixed_labels, warped_labels, spacing=(1.0, 1.0, 1.0), labels=None) -> dict[int, float]:
-    """HD95 per label id, in the units of ``spacing`` (NaN when absent from either map)."""
+def hd95_per_label(fixed_labels, warped_labels, spacing=(1.0, 1.0, 1.0), labels=None,
+                   moving_labels=None) -> dict[int, float]:
+    """HD95 per label id in ``spacing`` units, NaN under the same rule as :func:`dice_per_label`."""
     a, b = _as_np(fixed_labels), _as_np(warped_labels)
+    m = _as_np(moving_labels) if moving_labels is not None else None
     if labels is None:
-        labels = sorted(set(np.unique(a).tolist()) | set(np.unique(b).tolist()) - {0})
-    return {int(lab): hd95(a == lab, b == lab, spacing) for lab in labels}
+        labels = _label_ids(a, m if m is not None else b)
+    present_m = set(np.unique(m).tolist()) if m is not None else None
+    out = {}
+    for lab in labels:
+        if present_m is not None and int(lab) not in present_m:
+            out[int(lab)] = float("nan")
+        else:
+            out[int(lab)] = hd95(a == lab, b == lab, spacing)
+    return out
 
 
 def _jac(disp) -> np.ndarray:
@@ -94,10 +139,25 @@ def sdlogj(disp, mask=None) -> float:
     return float(np.log(j[keep]).std()) if keep.any() else float("nan")
 
 
-def sdlogj_l2r(disp) -> float:
-    """Learn2Reg SDlogJ: std of log(clip(J + 3, 1e-9, 1e9)) on the field cropped by 2 voxels at each border."""
-    j = _jac(disp)[2:-2, 2:-2, 2:-2]
-    return float(np.log(np.clip(j + 3.0, 1e-9, 1e9)).std())
+def _l2r_log_jac(j: np.ndarray, mask=None) -> np.ndarray:
+    """The Learn2Reg log(clip(J + 3)) values of a (D,H,W) Jacobian, cropped by 2 voxels, inside ``mask``."""
+    b = L2R_BORDER
+    logj = np.log(np.clip(j[b:-b, b:-b, b:-b] + L2R_JAC_OFFSET, *L2R_JAC_CLIP))
+    if mask is None:
+        return logj.ravel()
+    return logj[_as_np(mask)[b:-b, b:-b, b:-b] > 0]
+
+
+def sdlogj_l2r(disp, mask=None) -> float:
+    """Learn2Reg SDlogJ: std of log(clip(J + 3, 1e-9, 1e9)) on the field cropped by 2 voxels at each border.
+
+    Args:
+        disp: (1,3,D,H,W) or (3,D,H,W) voxel displacement.
+        mask: optional (D,H,W) mask on the same grid (the masked evaluation of AbdomenMRCT: voxels where the
+            fixed mask is > 0, after the same crop). NaN when the mask holds no voxel.
+    """
+    v = _l2r_log_jac(_jac(disp), mask)
+    return float(v.std()) if v.size else float("nan")
 
 
 def folding_percent(disp, mask=None) -> float:
@@ -141,13 +201,40 @@ def displacement_error_mm(disp, truth, spacing=(1.0, 1.0, 1.0), mask=None) -> fl
 
 
 def field_metrics(disp, mask=None) -> dict[str, float]:
-    """SDlogJ (plain and Learn2Reg) and folding of a (1,3,D,H,W) voxel field, one Jacobian evaluation."""
+    """SDlogJ (plain and Learn2Reg) and folding of a (1,3,D,H,W) voxel field, one Jacobian evaluation.
+
+    With a (D,H,W) ``mask``, ``sdlogj`` and ``folding_pct`` are taken inside it, ``sdlogj_l2r`` stays the
+    whole-field value and ``sdlogj_l2r_masked`` is added (Learn2Reg's masked variant).
+    """
     j = _jac(disp)
     m = np.ones_like(j, dtype=bool) if mask is None else _as_np(mask).astype(bool)
     pos = (j > 0) & m
-    jc = j[2:-2, 2:-2, 2:-2]
-    return {
+    out = {
         "sdlogj": float(np.log(j[pos]).std()) if pos.any() else float("nan"),
-        "sdlogj_l2r": float(np.log(np.clip(jc + 3.0, 1e-9, 1e9)).std()),
+        "sdlogj_l2r": float(_l2r_log_jac(j).std()),
         "folding_pct": float(100.0 * (j[m] <= 0).mean()),
     }
+    if mask is not None:
+        v = _l2r_log_jac(j, mask)
+        out["sdlogj_l2r_masked"] = float(v.std()) if v.size else float("nan")
+    return out
+
+
+def tre_l2r(fixed_points, moving_points, disp, moving_spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """Learn2Reg TRE per landmark in mm, as its evaluation measures it.
+
+    Args:
+        fixed_points, moving_points: (N,3) voxel coordinates (file voxel axes) of corresponding landmarks, as in
+            the ``keypoints*`` csv files.
+        disp: the submission field, (D,H,W,3) voxels (file voxel axes of the fixed image).
+        moving_spacing: voxel size of the moving image in mm.
+
+    Returns:
+        (N,) ``|(fixed + u(fixed) - moving) * moving_spacing|``, u interpolated with cubic splines (order 3,
+        constant 0 outside the grid: scipy's ``map_coordinates`` defaults, which the evaluation uses).
+    """
+    u = np.asarray(disp, dtype=np.float64)
+    fp = np.atleast_2d(np.asarray(fixed_points, dtype=np.float64))
+    mp = np.atleast_2d(np.asarray(moving_points, dtype=np.float64))
+    uf = np.stack([ndimage.map_coordinates(u[..., c], fp.T) for c in range(3)], axis=1)
+    return np.linalg.norm((fp + uf - mp) * np.asarray(moving_spacing, dtype=np.float64), axis=1)

@@ -51,6 +51,9 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit, or None (also for an installed package: it must not report an unrelated repository)."""
+    if not (Path(__file__).resolve().parents[2] / ".git").exists():
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=5)

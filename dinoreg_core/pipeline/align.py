@@ -46,6 +46,14 @@ class AlignedPair:
     moving_labels_on_fixed: np.ndarray | None = None  # (D,H,W) int32, ids mapped to fixed ids
     label_names: dict | None = None  # fixed label id -> name
     timings: dict = field(default_factory=dict)  # load_s, init_s
+    moving_labels: io.Volume | None = None  # the moving label map as loaded, on the moving grid, its own ids
+    label_map: dict | None = None  # moving label id -> fixed label id (None: ids already agree)
+
+    def moving_labels_mapped(self) -> np.ndarray | None:
+        """The moving label map on its own grid with ids mapped to fixed ids (which labels the moving scan has)."""
+        if self.moving_labels is None:
+            return None
+        return map_label_ids(self.moving_labels.array, self.label_map) if self.label_map else self.moving_labels.array
 
     @property
     def crop(self) -> tuple:
@@ -150,7 +158,7 @@ def align(fixed, moving, *, fixed_labels=None, moving_labels=None, init: str = "
     box = covered_box(mvol, fvol, T, same_grid)
     return AlignedPair(fvol, mvol, mov_img, T, box, fmod, mmod, same_grid,
                        flab.array if flab is not None else None, mov_lab, label_names,
-                       {"load_s": t_load, "init_s": t_init})
+                       {"load_s": t_load, "init_s": t_init}, mlab, dict(label_map) if label_map else None)
 
 
 def save_pair(pair: AlignedPair, path) -> Path:
@@ -163,9 +171,13 @@ def save_pair(pair: AlignedPair, path) -> Path:
         arrays["fixed_labels"] = pair.fixed_labels
     if pair.moving_labels_on_fixed is not None:
         arrays["moving_labels_on_fixed"] = pair.moving_labels_on_fixed
+    if pair.moving_labels is not None:
+        arrays["moving_labels"] = pair.moving_labels.array
     meta = {"fixed_path": pair.fixed.path, "moving_path": pair.moving.path, "fixed_modality": pair.fixed_modality,
             "moving_modality": pair.moving_modality, "same_grid": pair.same_grid, "timings": pair.timings,
-            "label_names": {str(k): v for k, v in (pair.label_names or {}).items()} or None}
+            "label_names": {str(k): v for k, v in (pair.label_names or {}).items()} or None,
+            "label_map": {str(k): int(v) for k, v in (pair.label_map or {}).items()} or None,
+            "moving_labels_path": pair.moving_labels.path if pair.moving_labels is not None else None}
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
     os.replace(tmp, path)
@@ -183,4 +195,7 @@ def load_pair(path) -> AlignedPair:
     names = {int(k): v for k, v in meta["label_names"].items()} if meta.get("label_names") else None
     return AlignedPair(fixed, moving, d["moving_on_fixed"], d["world_transform"], box, meta["fixed_modality"],
                        meta["moving_modality"], bool(meta["same_grid"]), d.get("fixed_labels"),
-                       d.get("moving_labels_on_fixed"), names, dict(meta.get("timings") or {}))
+                       d.get("moving_labels_on_fixed"), names, dict(meta.get("timings") or {}),
+                       io.Volume(d["moving_labels"], d["moving_affine"], path=meta.get("moving_labels_path"))
+                       if "moving_labels" in d else None,
+                       {int(k): int(v) for k, v in meta["label_map"].items()} if meta.get("label_map") else None)

@@ -15,7 +15,8 @@ import torch
 
 from ..evaluation.metrics import dice_per_label, field_metrics, hd95_per_label
 from ..registration.warp import warp, warp_labels
-from .align import AlignedPair
+from ..registration.whole_transform import warp_whole
+from .align import AlignedPair, map_label_ids
 from .displacement import Displacement
 
 
@@ -29,6 +30,7 @@ class Metrics:
     registered_box: list  # [[lo...], [hi...]]
     labels: list | None = None  # one dict per label: label, name, dice_initial, dice, hd95_mm, hd95_vox
     summary: dict | None = None  # means over labels of dice_initial, dice, hd95_mm, hd95_vox
+    learn2reg: dict | None = None  # the Learn2Reg file of the whole transform and its official metrics (write stage)
 
     def to_dict(self) -> dict:
         """The ``metrics`` entry of ``metrics.json`` (no arrays)."""
@@ -36,18 +38,26 @@ class Metrics:
         if self.labels is not None:
             d["labels"] = self.labels
             d["summary"] = self.summary
+        if self.learn2reg is not None:
+            d["learn2reg"] = self.learn2reg
         return d
 
 
 def label_metrics(fixed_labels: np.ndarray, moving_labels: np.ndarray, warped_labels: np.ndarray, spacing,
-                  label_names: dict | None = None) -> list[dict]:
-    """One row per label present in both the fixed map and the moving map (on the fixed grid, before warping):
-    Dice before/after, HD95 (mm, voxels) after."""
-    ids = sorted((set(np.unique(fixed_labels).tolist()) & set(np.unique(moving_labels).tolist())) - {0})
-    before = dice_per_label(fixed_labels, moving_labels, ids)
-    after = dice_per_label(fixed_labels, warped_labels, ids)
-    hd_mm = hd95_per_label(fixed_labels, warped_labels, spacing, ids)
-    hd_vox = hd95_per_label(fixed_labels, warped_labels, (1.0, 1.0, 1.0), ids)
+                  label_names: dict | None = None, moving_original: np.ndarray | None = None) -> list[dict]:
+    """One row per label present in both the fixed map and the moving map: Dice before/after, HD95 (mm, voxels)
+    after, with Learn2Reg's rule (a label that vanished after warping is Dice 0, HD95 inf).
+
+    ``moving_labels`` is the moving map on the fixed grid before warping; ``moving_original`` the moving map on its
+    own grid with fixed ids (default ``moving_labels``), which decides which labels are present (as in the
+    Learn2Reg evaluation).
+    """
+    mo = moving_labels if moving_original is None else moving_original
+    ids = sorted((set(np.unique(fixed_labels).tolist()) & set(np.unique(mo).tolist())) - {0})
+    before = dice_per_label(fixed_labels, moving_labels, ids, moving_labels=mo)
+    after = dice_per_label(fixed_labels, warped_labels, ids, moving_labels=mo)
+    hd_mm = hd95_per_label(fixed_labels, warped_labels, spacing, ids, moving_labels=mo)
+    hd_vox = hd95_per_label(fixed_labels, warped_labels, (1.0, 1.0, 1.0), ids, moving_labels=mo)
     rows = []
     for i in ids:
         rows.append({"label": i, "name": (label_names or {}).get(i, str(i)), "dice_initial": before[i],
@@ -68,8 +78,24 @@ def summarise_labels(rows: list[dict]) -> dict:
 
 
 def warp_moving(pair: AlignedPair, disp: Displacement) -> tuple[np.ndarray, np.ndarray | None]:
-    """(warped image, warped labels or None) of the pair's moving scan on the fixed grid, (D,H,W) each."""
+    """(warped image, warped labels or None) of the pair's moving scan on the fixed grid, (D,H,W) each.
+
+    When the moving scan was resampled (another grid or an initial alignment), the moving *file* is sampled once
+    through the whole transform (:func:`dinoreg_core.registration.whole_transform.warp_whole`), as ITK, ANTs and the
+    Learn2Reg evaluation apply our exported transforms; on one grid the field warps the moving array directly.
+    """
     u = disp.field
+    if not pair.same_grid:
+        field = disp.numpy()
+        warped = warp_whole(pair.moving, pair.fixed, field, pair.world_transform)
+        warped_lab = None
+        if pair.moving_labels is not None:
+            lab = warp_whole(pair.moving_labels, pair.fixed, field, pair.world_transform, labels=True)
+            warped_lab = map_label_ids(lab, pair.label_map) if pair.label_map else lab
+        elif pair.moving_labels_on_fixed is not None:  # labels given on the fixed grid only
+            lab = torch.from_numpy(pair.moving_labels_on_fixed)[None, None].to(u.device)
+            warped_lab = warp_labels(lab, u)[0, 0].cpu().numpy()
+        return warped, warped_lab
     with torch.no_grad():
         mov_t = torch.from_numpy(np.ascontiguousarray(pair.moving_on_fixed))[None, None].to(u.device)
         warped = warp(mov_t, u)[0, 0].cpu().numpy()
@@ -86,6 +112,6 @@ def evaluate(pair: AlignedPair, disp: Displacement) -> Metrics:
     m = Metrics(warped, warped_lab, field_metrics(disp.on_box()), [list(map(int, b)) for b in disp.box])
     if pair.fixed_labels is not None and warped_lab is not None:
         m.labels = label_metrics(pair.fixed_labels, pair.moving_labels_on_fixed, warped_lab, pair.fixed.spacing,
-                                 pair.label_names)
+                                 pair.label_names, moving_original=pair.moving_labels_mapped())
         m.summary = summarise_labels(m.labels)
     return m

@@ -42,6 +42,13 @@ JAC_RANGE = (0.0, 2.0)
 # ---------------------------------------------------------------------------------------------------------------
 # pure helpers (numpy in, numpy out)
 
+FIGURE_WIDTH_IN = 7.8  # whole figure (image + legend + colour bar), about 700 px at the widget's 90 dpi
+LEGEND_WIDTH_IN = 2.0
+COLORBAR_WIDTH_IN = 1.0
+FIGURE_MARGIN_IN = 0.2
+MIN_IMAGE_WIDTH_IN = 2.0
+
+
 def checkerboard(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
     """Interleave two equally shaped 2D slices in ``block`` x ``block`` squares: the square at (0,0) comes from
     ``a``, its neighbours from ``b``."""
@@ -181,6 +188,7 @@ class SliceViewer:
         self._diff_limit = None
         self.state = {"axis": "axial", "index": self.default_index("axial"), "layer": "fixed",
                       "overlay": "none", "opacity": 0.4, "grid": False}
+        self._last_index = {"axial": self.state["index"]}  # each view's last slice, restored when it comes back
         self._widget = None
         self.controls = {}
         self._syncing = False
@@ -233,7 +241,8 @@ class SliceViewer:
     def set(self, **changes) -> "SliceViewer":
         """Change the state (``axis``, ``index``, ``layer``, ``overlay``, ``opacity``, ``grid``) and redraw.
 
-        A new ``axis`` without an ``index`` moves to :meth:`default_index` of that axis. Returns ``self``.
+        A new ``axis`` without an ``index`` returns to the slice that view showed last (first visit:
+        :meth:`default_index`). Returns ``self``.
         """
         unknown = set(changes) - set(self.state)
         if unknown:
@@ -241,7 +250,7 @@ class SliceViewer:
         new = dict(self.state, **changes)
         plots.axis_number(new["axis"])
         if "axis" in changes and "index" not in changes and changes["axis"] != self.state["axis"]:
-            new["index"] = self.default_index(new["axis"])
+            new["index"] = self._last_index.get(new["axis"], self.default_index(new["axis"]))
         n = self.shape[plots.axis_number(new["axis"])]
         if not 0 <= int(new["index"]) < n:
             raise DinoregError(f"Slice index {new['index']} is outside 0..{n - 1} for the {new['axis']} axis.")
@@ -255,6 +264,7 @@ class SliceViewer:
             raise DinoregError("No displacement was given: the deformation grid is not available.")
         new["index"], new["opacity"], new["grid"] = int(new["index"]), float(new["opacity"]), bool(new["grid"])
         self.state = new
+        self._last_index[new["axis"]] = new["index"]
         self._sync_controls()
         self._redraw()
         return self
@@ -329,15 +339,22 @@ class SliceViewer:
             rgb = plots.blend_labels(rgb, c["overlay"], self.colors, c["opacity"])
         return rgb
 
-    def figure(self, legend: bool = True, width: float = 4.6) -> Figure:
+    def figure(self, legend: bool = True, width: float = FIGURE_WIDTH_IN) -> Figure:
         """Static matplotlib figure of the current state: one imshow, the grid lines, an organ legend when an
-        overlay is on and a colour bar for the difference and jacobian layers. ``width``: image width (inches)."""
+        overlay is on and a colour bar for the difference and jacobian layers.
+
+        ``width``: the whole figure's width (inches). The legend and the colour bar take their room from the image
+        (:data:`LEGEND_WIDTH_IN`, :data:`COLORBAR_WIDTH_IN`), so every layer's figure has the same width and fits
+        the output area the widget gives it.
+        """
         c = self.current()
         s1, s2 = plots.in_plane_spacing(c["axis"], self.spacing)
-        height = width * (c["image"].shape[1] * s2) / (c["image"].shape[0] * s1)
         has_legend = legend and c["overlay"] is not None and bool(set(np.unique(c["overlay"]).tolist()) - {0})
-        extra = (2.0 if has_legend else 0.0) + (1.0 if c["layer"] in ("difference", "jacobian") else 0.0)
-        fig = plots.NotebookFigure(figsize=(width + extra + 0.2, height + 0.45), layout="constrained")
+        extra = (LEGEND_WIDTH_IN if has_legend else 0.0) + \
+            (COLORBAR_WIDTH_IN if c["layer"] in ("difference", "jacobian") else 0.0)
+        image_w = max(width - extra - FIGURE_MARGIN_IN, MIN_IMAGE_WIDTH_IN)
+        height = image_w * (c["image"].shape[1] * s2) / (c["image"].shape[0] * s1)
+        fig = plots.NotebookFigure(figsize=(image_w + extra + FIGURE_MARGIN_IN, height + 0.45), layout="constrained")
         ax = fig.add_subplot()
         rgb = self.rgb(c)
         n1, n2 = rgb.shape[:2]
@@ -397,10 +414,14 @@ class SliceViewer:
                                indent=False),
         }
         self.controls = c
-        self.image_widget = w.Image(value=self.png(), format="png", layout=w.Layout(width="auto"))
+        # the image scales down to the room the output area leaves beside the controls (never overflows it)
+        self.image_widget = w.Image(value=self.png(), format="png",
+                                    layout=w.Layout(width="auto", max_width="100%", height="auto", object_fit="contain"))
         for name, ctl in c.items():
             ctl.observe(self._on_control(name), names="value")
-        self._widget = w.HBox([w.VBox(list(c.values()), layout=w.Layout(min_width="400px")), self.image_widget])
+        image_box = w.Box([self.image_widget], layout=w.Layout(flex="1 1 0%", min_width="0", max_width="100%"))
+        self._widget = w.HBox([w.VBox(list(c.values()), layout=w.Layout(min_width="400px", flex="0 0 auto")), image_box],
+                              layout=w.Layout(width="100%", flex_flow="row wrap"))
 
     def _on_control(self, name: str):
         def handler(change):
