@@ -43,8 +43,11 @@ MANIFEST = "outputs.json"
 MANIFEST_VERSION = 1
 STAGING_PREFIX = ".dinoreg-staging-"
 OUTPUT_NAMES = ("disp.nii.gz", "warped.nii.gz", "moving_on_fixed_grid.nii.gz", "warped_labels.nii.gz",
-                "metrics.json", "config.json", MANIFEST)
-L2R_PATTERN = re.compile(r"^disp_\d{4}_\d{4}\.(nii\.gz|npz)$")  # the Learn2Reg displacement name
+                "metrics.json", "config.json", MANIFEST,
+                # --export itk (dinoreg_core.export_itk)
+                "itk_deformable.nii.gz", "itk_composite.nii.gz", "itk_initial_affine.tfm", "itk_initial_affine.mat")
+# the Learn2Reg displacement names: disp_FFFF_MMMM and disp_FFFF_ffff_MMMM_mmmm (case and modality ids)
+L2R_PATTERN = re.compile(r"^disp_\d{4}_\d{4}(_\d{4}_\d{4})?\.(nii\.gz|npz)$")
 # atomic.atomic_path temp names: "." + stem + "-" + mkstemp's 8 random characters + the full suffix
 TEMP_PATTERN = re.compile(r"^\.(?P<stem>[^.]+)-[A-Za-z0-9_]{8}\.(?P<suffix>.+)$")
 CHUNK = 1 << 20  # bytes read at a time when hashing

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from ..features.registry import available_feature_methods
-from .register import parse_sets
 
 
 def add_parser(sub) -> None:
@@ -29,22 +28,24 @@ def add_parser(sub) -> None:
     p.add_argument("--masked", action="store_true", help="SDlogJ inside the fixed masks (AbdomenMRCT's rule)")
     p.add_argument("--no-zip", action="store_true", help="do not write submission.zip")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: cuda:LOCAL_RANK under torchrun)")
+    p.add_argument("--preset", default="default", metavar="NAME|PATH",
+                   help="registration preset: official, authors, tuned or a preset JSON (default: the method's default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (see register)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from ..api import RegisterConfig
+    from ..api import method_config
+    from ..pipeline.checks import check_register_config
+    from ..settings import parse_assignments
     from ..evaluation.l2r_submission import run_submission
     from ..evaluation.shard import world_from_env
 
     rank, world, local = world_from_env()
     device = f"cuda:{local}" if args.device == "cuda" and world > 1 else args.device
-    cfg = RegisterConfig(features=args.features, init=args.init, device=device)
-    if args.weights:
-        cfg.feature_options["weights"] = args.weights
-    for k, v in parse_sets(args.set):
-        cfg.set(k, v)
+    overrides = ([("feat.weights", args.weights)] if args.weights else []) + parse_assignments(args.set)
+    cfg = method_config(args.features, overrides, preset=args.preset, init=args.init, device=device)
+    check_register_config(cfg)
     r = run_submission(args.dataset, args.split, args.out, config=cfg, masked=args.masked, rank=rank, world=world,
                        make_zip=not args.no_zip)
     print(f"{r['done']}/{r['total']} pairs in {args.out} ({r['skipped']} already there)")

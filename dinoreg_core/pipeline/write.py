@@ -50,12 +50,14 @@ def write(out: str | os.PathLike, pair: AlignedPair, disp: Displacement, metrics
     out = prepare_out_dir(out)
     with OutputSet(out, inputs=[pair.fixed.path, pair.moving.path, *inputs]) as staged:
         return staged.commit(_write_files(staged.dir, pair, disp, metrics, config=config, timings=timings,
-                                         export=tuple(export)))
+                                         export=tuple(export), final_dir=out))
 
 
 def _write_files(out: Path, pair: AlignedPair, disp: Displacement, metrics: Metrics, *,
-                 config: dict | None = None, timings: dict | None = None, export=()) -> dict[str, Path]:
-    """The files of one registration written into the folder ``out``; returns {kind: path}."""
+                 config: dict | None = None, timings: dict | None = None, export=(),
+                 final_dir: Path | None = None) -> dict[str, Path]:
+    """The files of one registration written into the folder ``out`` (the staging folder of ``final_dir``);
+    returns {kind: path}."""
     f, moving = pair.fixed, pair.moving
     field = disp.numpy()
     files = {
@@ -71,7 +73,8 @@ def _write_files(out: Path, pair: AlignedPair, disp: Displacement, metrics: Metr
                        moving_label_lut=pair.label_map)
     if l2r["file"]:
         files["l2r_displacement"] = Path(l2r["file"])
-    metrics.learn2reg = {"file": Path(l2r["file"]).name if l2r["file"] else None, "note": l2r["note"],
+    final = final_dir or out
+    metrics.learn2reg = {"file": str(final / Path(l2r["file"]).name) if l2r["file"] else None, "note": l2r["note"],
                          **(l2r["metrics"] or {})}
     if "itk" in export:
         files.update({k: Path(v) for k, v in export_itk(field, f, pair.world_transform, out).items()})
