@@ -48,7 +48,6 @@ import io
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -180,21 +179,6 @@ def run_child(pair: Path, method: str, options: dict, device: str, threads: int)
 
 
 # ------------------------------------------------------------------------------------------- output
-
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return dict(host=platform.node(), cpu=cpu, cores=os.cpu_count(), ram_gb=round(mem_gb, 1),
-                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", torch=torch.__version__,
-                load_avg=" ".join(f"{x:.1f}" for x in os.getloadavg()))
-
 
 def _git_commit() -> str:
     try:
@@ -470,6 +454,8 @@ def main(argv=None) -> int:
                   f"{r['hd95_mm']:.1f} mm  SDlogJ {r['sdlogj']:.3f}  fold {r['folding_pct']:.2f}%  "
                   f"{r['time_s']:.1f} s  {r['peak_rss_mb']:.0f} MB", flush=True)
         rows.append(r)
+
+    from dinoreg_core.machine import machine_info
 
     mi = machine_info()
     header = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "machine": mi,

@@ -47,7 +47,6 @@ import datetime as dt
 import io
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -272,21 +271,6 @@ def measure(case: str, shape, device: str, max_encoded: int | None, timeout: flo
     return row
 
 
-def machine_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return dict(host=platform.node(), cpu=cpu, cores=os.cpu_count(), ram_gb=round(mem_gb, 1), gpu=gpu,
-                torch=torch.__version__, load_avg=" ".join(f"{x:.1f}" for x in os.getloadavg()))
-
-
 COLUMNS = ["date", "machine", "device", "volume", "case", "method", "config", "setting", "feature_shape",
            "encoded_slices", "time_s", "mem_mb", "peak_rss_mb", "cuda_peak_mb", "time_ratio_vs_dino3d_paper",
            "mem_ratio_vs_dino3d_paper", "time_ratio_vs_dino3d_tiny", "mem_ratio_vs_dino3d_tiny", "extrapolated",
@@ -366,6 +350,8 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(run_case(args.worker, shapes[0], args.device, args.worker_slices, args.threads)))
         return 0
+
+    from dinoreg_core.machine import machine_info
 
     info = machine_info()
     date = dt.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -14,7 +14,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dinoreg_core"
 # lowest first; a module belongs to the first prefix that matches it (longest prefixes are listed where needed)
 LAYERS = [
     ("base", ["dinoreg_core", "dinoreg_core.errors", "dinoreg_core.atomic", "dinoreg_core.filters",
-              "dinoreg_core.settings", "dinoreg_core.progress", "dinoreg_core.labels", "dinoreg_core.lazy_registry"]),
+              "dinoreg_core.settings", "dinoreg_core.progress", "dinoreg_core.labels", "dinoreg_core.lazy_registry",
+              "dinoreg_core.machine"]),
     ("io", ["dinoreg_core.io"]),
     ("preprocess", ["dinoreg_core.preprocess"]),
     ("models & data", ["dinoreg_core.models", "dinoreg_core.data"]),
