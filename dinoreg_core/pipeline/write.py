@@ -69,7 +69,7 @@ def _write_files(out: Path, pair: AlignedPair, disp: Displacement, metrics: Metr
     if metrics.warped_labels is not None:
         files["warped_labels"] = io.save_labels(metrics.warped_labels, f, out / "warped_labels.nii.gz")
     l2r = pair_outputs(field, f, moving, pair.world_transform, out, moving_labels=pair.moving_labels,
-                       fixed_labels=io.Volume(pair.fixed_labels, f.affine) if pair.fixed_labels is not None else None,
+                       fixed_labels=f.like(pair.fixed_labels) if pair.fixed_labels is not None else None,
                        moving_label_lut=pair.label_map)
     if l2r["file"]:
         files["l2r_displacement"] = Path(l2r["file"])
