@@ -21,7 +21,7 @@ LAYERS = [
     ("models & data", ["dinoreg_core.models", "dinoreg_core.data"]),
     ("features", ["dinoreg_core.features"]),
     ("registration", ["dinoreg_core.registration"]),
-    ("metrics", ["dinoreg_core.evaluation.metrics", "dinoreg_core.evaluation.tables"]),
+    ("metrics", ["dinoreg_core.evaluation.metrics", "dinoreg_core.evaluation.tables", "dinoreg_core.evaluation.l2r_case"]),
     ("pipeline", ["dinoreg_core.pipeline"]),
     ("peers", ["dinoreg_core.peers"]),
     ("api", ["dinoreg_core.api", "dinoreg_core.demo"]),

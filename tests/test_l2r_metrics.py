@@ -8,7 +8,7 @@ from scipy import ndimage
 
 from dinoreg_core import io
 from dinoreg_core.evaluation import metrics as M
-from dinoreg_core.evaluation.l2r_submission import case_metrics, warp_labels_l2r
+from dinoreg_core.evaluation.l2r_case import case_metrics, warp_labels_l2r
 
 sd = pytest.importorskip("surface_distance", reason="surface-distance (HD95 reference) is not installed")
 pytestmark = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")  # the package's scipy imports

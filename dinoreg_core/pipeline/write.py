@@ -19,7 +19,7 @@ import numpy as np
 from .. import io
 from ..atomic import write_json_atomic
 from ..errors import DinoregError
-from ..evaluation.l2r_submission import pair_outputs
+from ..evaluation.l2r_case import pair_outputs
 from ..export_itk import export_itk
 from ..outputs import OutputSet, strict_json
 from .align import AlignedPair
