@@ -224,3 +224,34 @@ def write_preset_file(path, method: str, settings: dict, *, source: str = "", ex
     d = {"method": method, "settings": dict(settings), "source": source, **(extra or {})}
     write_json_atomic(Path(path), d)
     return Path(path)
+
+
+def install_preset(preset_path, *, name: str = "tuned", make_default: bool = False, weights_json=None) -> Path:
+    """Copy a preset file (what ``dinoreg tune`` wrote) into its method's package file as ``name`` (and, with
+    ``weights_json``, into that weights JSON's ``registration_presets``); returns the package file's path."""
+    from ..atomic import write_json_atomic
+
+    d = _read_json(Path(preset_path), "preset file")
+    method = d.get("method")
+    if not method:
+        raise DinoregError(f"The preset file {preset_path} names no method.")
+    p = from_file(method, preset_path)
+    entry = {"settings": p.settings, "source": p.source}
+    for k in ("objective", "tuning"):
+        if k in d:
+            entry[k] = d[k]
+    pk = package_presets(method)
+    pk.setdefault("presets", {})[name] = entry
+    if make_default:
+        pk["default"] = name
+    write_json_atomic(preset_file(method), pk)
+    if weights_json is not None:
+        wj = Path(weights_json)
+        meta = _read_json(wj, "weights config")
+        wp = meta.get(WEIGHTS_KEY) or {}
+        wp[name] = {"settings": p.settings, "source": p.source}
+        if make_default:
+            wp["default"] = name
+        meta[WEIGHTS_KEY] = wp
+        write_json_atomic(wj, meta)
+    return preset_file(method)
