@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--subjects", type=int, default=d.n_subjects)
     p.add_argument("--methods", default=",".join(d.methods))
     p.add_argument("--presets", default=",".join(d.presets))
-    p.add_argument("--tasks", default=",".join(d.tasks))
+    p.add_argument("--tasks", default=",".join(d.tasks), help="cohort tasks ('' with --real: the real pair only)")
     p.add_argument("--cohort", help="an existing evaluation cohort (json or folder)")
     p.add_argument("--real", help="folder of the real MR/CT pair (extra row)")
     p.add_argument("--cache", help="folder of the stored backbone features (default: OUT/feature_cache)")
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     setup_logging(0)
     cfg = ProtocolConfig(methods=tuple(a.methods.split(",")), presets=tuple(a.presets.split(",")),
-                         tasks=tuple(a.tasks.split(",")), pairs_per_task=a.pairs, spacing_mm=a.spacing,
+                         tasks=tuple(t for t in a.tasks.split(",") if t), pairs_per_task=a.pairs, spacing_mm=a.spacing,
                          n_subjects=a.subjects, cohort=a.cohort, real_pair=a.real, hd95=not a.no_hd95, cache_dir=a.cache)
     try:
         if a.tables_only:
