@@ -13,8 +13,8 @@ from dinoreg_core.errors import DinoregError
 from dinoreg_core.registration.initial import InitConfig, initial_alignment, initial_alignment_report
 from dinoreg_core.registration.partial_fov_cases import rigid_about, shared_dice, split_scan
 
-# small volumes keep the test fast: 6 mm scans, search on 10 mm, refinement on 8 mm
-FAST = InitConfig(search_mm=10.0, refine_mm=8.0)
+# small volumes keep the test fast: 6 mm scans, search on 10 mm, final refinement on 6 mm
+FAST = InitConfig(search_mm=10.0, refine_mm=6.0, iterations=80)
 ROTATION_DEG = (5.0, -8.0, 15.0)        # about 18 degrees in all
 SHIFT_MM = (120.0, -80.0, 150.0)        # about 208 mm
 

@@ -17,6 +17,9 @@ Options (``options`` dict of the registry call; all optional):
   backbone runs. The token grid then covers the image's extent, so the pipeline's trilinear upsampling
   (``align_corners=False``) maps it back onto the image grid. Without ``spacing_mm`` (or with
   ``spacing_aware=False``) the image meets the model at its own voxel size, as before.
+* ``cache_dir``: a folder for the on-disk feature cache (:mod:`dinoreg_core.features.cache`): features are
+  keyed by the image content, the weights file (path, size, mtime), the options and the training spacing,
+  and loaded instead of recomputed on a hit.
 
 The image is the (1,1,D,H,W) intensity volume normalised to [0,1]; the modality is not used (one backbone for
 CT and MR). Loaded models are cached per (weights file, modification time, device), so the fixed and moving
@@ -180,9 +183,19 @@ def dino3d_features(image: torch.Tensor, *, modality: str = "ct", device=None, o
     options = dict(options or {})
     device = torch.device(device) if device is not None else image.device
     weights = resolve_weights(options)
-    model = load_cached(weights, device)
-    x = spacing_aware_input(image.to(device, torch.float32), options, weights, model.cfg.patch_size)
-    return extract_features(model, x, extract_config(options), device=device)
+
+    def compute() -> torch.Tensor:
+        model = load_cached(weights, device)
+        x = spacing_aware_input(image.to(device, torch.float32), options, weights, model.cfg.patch_size)
+        return extract_features(model, x, extract_config(options), device=device)
+
+    if not options.get("cache_dir"):
+        return compute()
+    from .cache import FeatureCache
+
+    keyed = {**options, "weights": str(weights), "train_spacing_mm": train_spacing(weights, options)}
+    return FeatureCache(options["cache_dir"]).get_or_compute(image, compute, method="dino3d", modality=modality,
+                                                             weights=weights, options=keyed, device=device)
 
 
 register_feature_method(FeatureMethod(

@@ -56,6 +56,8 @@ _BUILTIN: dict[str, str] = {
     "mind": "dinoreg_core.features.mind",
     "dinov2": "dinoreg_core.features.dinov2",
     "dino3d": "dinoreg_core.features.dino3d",
+    "dino3d+mind": "dinoreg_core.features.hybrid",
+    "dinov2+mind": "dinoreg_core.features.hybrid",
 }
 
 
