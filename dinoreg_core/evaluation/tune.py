@@ -42,9 +42,12 @@ SEARCH_SPACE: dict[str, tuple[str, tuple]] = {
     "iterations": ("value", (80, 300, 1000)),
     "pca_dim": ("value", (6, 12, 24)),
     "feat.blocks": ("value", ("-1", "-2", "-2,-1")),
+    "feat.dino_weight": ("factor", (0.5, 2.0)),
 }
 JOINT_PCA_ONLY = ("pca_dim",)  # parameters that only mean something for methods with joint PCA
-METHOD_ONLY = {"feat.blocks": ("dino3d",)}  # parameters of one method's features
+METHOD_ONLY = {"feat.blocks": ("dino3d", "dino3d+mind"),
+               "feat.dino_weight": ("dino3d+mind", "dinov2+mind")}  # parameters of some methods' features
+UNSET_FEATURE_DEFAULTS = {"feat.blocks": "-1", "feat.dino_weight": 0.5}  # the extractors' defaults when unset
 TUNING_ROLE = "tuning"
 
 
@@ -160,7 +163,7 @@ def current_value(param: str, settings: dict, method: str):
         return settings[param]
     cfg = config_from(method, {}, preset="official")
     if param.startswith("feat."):
-        return cfg.feature_options.get(param[5:], "-1" if param == "feat.blocks" else None)
+        return cfg.feature_options.get(param[5:], UNSET_FEATURE_DEFAULTS.get(param))
     if hasattr(cfg, param):
         return getattr(cfg, param)
     return getattr(cfg.convex, param)

@@ -73,6 +73,12 @@ class RegisterConfig:
         check_feature_scale(self.feature_scale)
         if int(self.pca_dim) < 1:
             raise DinoregError(f"The setting pca_dim={self.pca_dim} must be a positive integer.")
+        from .methods import get_registration_method
+
+        if get_registration_method(self.features).kind == "features":  # feature options checked before any work
+            from .feature_path import FeaturePathOptions
+
+            FeaturePathOptions.parse(self.features, self.method_options())
         return self
 
 

@@ -19,6 +19,26 @@ Shipped presets (one file per method, ``dinoreg_core/presets/<method>.json``)::
   mapped onto our ConvexAdam; each entry's ``differs`` says what cannot be mapped exactly;
 * ``tuned`` — found by ``dinoreg tune`` (:mod:`dinoreg_core.evaluation.tune`) on the *tuning* cohort only.
 
+How ``authors`` maps the published settings (EytanKats/med_ssl_3d ``configs/evaluate_*.yaml``,
+``scripts/evaluate.py``) onto our ConvexAdam, and where it differs:
+
+======== =================================================== ====== ======= ============== ======================
+method   features into ConvexAdam                            lambda disp_hw grid_sp / adam Adam
+======== =================================================== ====== ======= ============== ======================
+dino3d   joint PCA 12 ch, trilinear up, ``feature_scale`` 0.1 0.12   1       6 / 4          1000 it, lr 0.2
+dinov2   slices every 6th, 64 tokens (896 px), PCA 12, x 0.4  1      4       6 / 4          1000 it, lr 0.2
+mind     MIND-SSC r=3 d=2 (``feat.mind_r/mind_d``), x 3.0     1      1       6 / 4          1000 it, lr 0.2
+======== =================================================== ====== ======= ============== ======================
+
+* The authors' Adam stage smooths its parameters with three 3^3 average pools; ours does the same (three 3^3 box
+  filters), and our SSD is the channel mean x ``cost_scale`` 12 like the official package, so lambda and lr carry
+  over as numbers.
+* Our joint PCA whitens the projected channels to unit std; the authors scale the raw ``torch.pca_lowrank``
+  projections. The same ``feature_scale`` (0.1, 0.4) is therefore a different absolute feature magnitude, which is
+  why ``tuned`` searches ``feature_scale`` as well.
+* One preset per method: dino3d's lambda is the NAKO MR-MR value 0.12 (the authors use 0.06 on AbdomenCTCT).
+* Inverse consistency stays on (the official default); the configs do not switch it.
+
 A ``dino3d`` preset also travels inside its weights' JSON (``X.json`` beside ``X.safetensors``, key
 ``registration_presets``: ``{"default": NAME, NAME: {"settings": ..., "source": ...}}``), so weights and their settings
 go together: when the weights in use (``feat.weights``, else the demo weights) carry the named preset it is used,
