@@ -133,7 +133,7 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
         fixed_labels, moving_labels: optional label maps (paths or Volumes) on their image's grid.
         config: a complete :class:`RegisterConfig` (used as given: no preset is applied to it); keyword
             ``overrides`` (e.g. ``init="affine"``, ``grid_sp=4``, ``feature_options={...}``) are applied on top.
-        preset: without ``config``, the method's settings start from this preset (:mod:`dinoreg_core.presets`):
+        preset: without ``config``, the method's settings start from this preset (:mod:`dinoreg_core.pipeline.presets`):
             ``default`` (the method's default preset), ``official``, ``authors``, ``tuned`` or a preset file;
             ``overrides`` (``features="mind"``, ``lambda_weight=2``, ...) are applied on top.
         out_dir: when given, writes the files of :func:`dinoreg_core.pipeline.write` there (atomically).
@@ -167,7 +167,7 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
 def method_config(method: str, settings: dict | None = None, *, preset: str | None = "default",
                   **fixed) -> RegisterConfig:
     """The :class:`RegisterConfig` of registry method ``method``: a feature method starts from ``preset``
-    (:mod:`dinoreg_core.presets`; ``default`` = its default preset) with ``settings`` (``--set`` names) on top; a
+    (:mod:`dinoreg_core.pipeline.presets`; ``default`` = its default preset) with ``settings`` (``--set`` names) on top; a
     peer keeps ``settings`` as its own options."""
     if get_registration_method(method).kind == "features":
         return config_from(method, settings, preset=preset, **fixed)

@@ -1,4 +1,4 @@
-"""Registration presets (dinoreg_core.presets): the default preset is the same as its values passed by hand, the
+"""Registration presets (dinoreg_core.pipeline.presets): the default preset is the same as its values passed by hand, the
 official preset is the configuration the official-package parity test checks, feature_scale multiplies the
 features, presets in a weights JSON win over the package file, bad presets are refused in one sentence (exit 2)."""
 
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dinoreg_core import io, presets
+from dinoreg_core import io
+from dinoreg_core.pipeline import presets
 from dinoreg_core.api import method_config, register
 from dinoreg_core.cli import main
 from dinoreg_core.errors import DinoregError

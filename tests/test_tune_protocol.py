@@ -13,7 +13,7 @@ from dinoreg_core.data.cohorts import ROLE_SEEDS, generate_role_cohort, role_sub
 from dinoreg_core.errors import DinoregError
 from dinoreg_core.evaluation.protocol import ProtocolConfig, run_protocol
 from dinoreg_core.evaluation.tune import TuneConfig, tune, tuning_pairs
-from dinoreg_core.presets import load_preset
+from dinoreg_core.pipeline.presets import load_preset
 
 TINY = dict(spacing_mm=8.0, shape=(30, 26, 28), workers=1, progress=False)
 FAST = {"grid_sp": 4, "disp_hw": 2, "iterations": 5}

@@ -3,7 +3,7 @@
 Aligns the pair once, then runs every requested method on it through the pipeline's stages
 (:func:`dinoreg_core.api.register_methods`) and prints one comparison table. By default every feature method that
 can run here (``intensity``, ``mind``, ``dino3d`` with the shipped demo weights, the ``dino3d+mind`` hybrid when
-present), each with its default preset (:mod:`dinoreg_core.presets`; ``--preset`` picks another one for all).
+present), each with its default preset (:mod:`dinoreg_core.pipeline.presets`; ``--preset`` picks another one for all).
 """
 
 from __future__ import annotations

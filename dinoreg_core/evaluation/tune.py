@@ -18,7 +18,7 @@ extracted once per volume (:mod:`dinoreg_core.evaluation.feature_memo`, stored i
 
 Resumable: each scored candidate is one JSON line of the search log (``<out>.log.jsonl``: settings, per-pair Dice,
 SDlogJ, folding, admissible); a rerun with the same arguments replays the log and scores only what is missing.
-The result is a preset file (:func:`dinoreg_core.presets.write_preset_file`) naming the log, the pairs and the score.
+The result is a preset file (:func:`dinoreg_core.pipeline.presets.write_preset_file`) naming the log, the pairs and the score.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def tune(dataset_json, out, cfg: TuneConfig, *, progress: bool = True) -> dict:
 
     from ..features.registry import get_feature_method
     from ..pipeline.methods import get_registration_method
-    from ..presets import available_presets, load_preset, write_preset_file
+    from ..pipeline.presets import available_presets, load_preset, write_preset_file
     from .feature_memo import memoized_extraction
 
     cfg.validate()

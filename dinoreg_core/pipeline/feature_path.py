@@ -27,7 +27,7 @@ from ..features.pca import joint_project, upsample
 from ..features.registry import checked_options, get_feature_method
 from ..preprocess import normalize_intensity
 from ..registration.convex_adam import ConvexAdamConfig, ConvexAdamTimings, convex_adam
-from .config import canonical_key, check_feature_scale
+from .keys import canonical_key, check_feature_scale
 from .displacement import RegistrationMethod, RegistrationOutput
 
 

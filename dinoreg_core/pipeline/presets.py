@@ -58,7 +58,7 @@ from pathlib import Path
 
 from ..errors import DinoregError
 
-PRESET_DIR = Path(__file__).resolve().parent
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # dinoreg_core/presets/<method>.json
 PRESET_NAMES = ("official", "authors", "tuned")
 DEFAULT = "default"  # the method's default preset (the "default" entry of its file; "official" without one)
 WEIGHTS_KEY = "registration_presets"  # key of the presets inside a dino3d weights JSON
@@ -151,21 +151,19 @@ def check_values(settings: dict, where: str) -> None:
 
 
 def validate(preset: Preset) -> Preset:
-    """Check that ``preset`` applies cleanly to its method (unknown keys, wrong types, non-finite values,
-    ``feature_scale <= 0``, ... are one-sentence errors naming where the preset came from)."""
-    from ..pipeline.config import config_from
-
-    where = f"'{preset.name}' of {preset.method} ({preset.origin})" if preset.origin else \
-        f"'{preset.name}' of {preset.method}"
-    check_values(preset.settings, where)
+    """Check what a preset can be checked for on its own: finite values, no ``features`` / ``init`` (a preset holds
+    registration settings only). Keys and types are checked when it is applied
+    (:func:`dinoreg_core.pipeline.config.config_from`), in one sentence naming where it came from."""
+    check_values(preset.settings, describe(preset))
     if "features" in preset.settings or "init" in preset.settings:
-        raise DinoregError(f"The preset {where} may not set 'features' or 'init' (a preset holds registration "
-                           f"settings only).")
-    try:
-        config_from(preset.method, preset.settings, preset="official")
-    except DinoregError as e:
-        raise DinoregError(f"The preset {where} is invalid: {e}") from None
+        raise DinoregError(f"The preset {describe(preset)} may not set 'features' or 'init' (a preset holds "
+                           f"registration settings only).")
     return preset
+
+
+def describe(preset: Preset) -> str:
+    """``'tuned' of mind (dinoreg_core/presets/mind.json)``: the preset and where it came from, for messages."""
+    return f"'{preset.name}' of {preset.method}" + (f" ({preset.origin})" if preset.origin else "")
 
 
 def from_file(method: str, path) -> Preset:
@@ -211,22 +209,9 @@ def load_preset(method: str, preset: str | None = DEFAULT, feature_options: dict
     raise DinoregError(f"The method '{method}' has no '{name}' preset; it has: {have}.")
 
 
-def preset_for(method: str, preset: str | None = DEFAULT, feature_options: dict | None = None) -> Preset | None:
-    """:func:`load_preset` for a feature method; None for a peer asked for its default (peers take their own
-    options, no presets)."""
-    from ..pipeline.methods import get_registration_method
-
-    if get_registration_method(method).kind != "features":
-        if preset in (None, "", DEFAULT, "official"):
-            return None
-        raise DinoregError(f"The method '{method}' takes no presets (it is a peer with its own options).")
-    return load_preset(method, preset, feature_options)
-
-
 def preset_settings(method: str, preset: str | None = DEFAULT, feature_options: dict | None = None) -> dict:
-    """Just the ``--set`` settings of :func:`preset_for` (``{}`` for a peer)."""
-    p = preset_for(method, preset, feature_options)
-    return dict(p.settings) if p is not None else {}
+    """Just the ``--set`` settings of :func:`load_preset`."""
+    return dict(load_preset(method, preset, feature_options).settings)
 
 
 def available_presets(method: str, feature_options: dict | None = None) -> list[str]:
