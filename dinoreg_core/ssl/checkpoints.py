@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,9 +62,11 @@ def sweep(run_dir: str | os.PathLike) -> list[str]:
 def _read(path: Path) -> dict:
     """The checkpoint at ``path`` with its keys checked; DinoregError "damaged or truncated" otherwise."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses anyway
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - zip, pickle, EOF, unsupported global: all mean the file is unusable
-        reason = " ".join(str(e).split())[:160]
+        reason = " ".join(str(e).split()).split(". ")[0][:120].rstrip(".")
         raise DinoregError(f"The checkpoint {path} is damaged or truncated ({type(e).__name__}: {reason}).") from None
     if not isinstance(ck, dict):
         raise DinoregError(f"The checkpoint {path} is damaged: it holds a {type(ck).__name__}, not a dict.")
