@@ -133,6 +133,20 @@ def sweep(out: str | os.PathLike) -> list[str]:
     return gone
 
 
+def sweep_tree(folder: str | os.PathLike) -> list[str]:
+    """Remove every atomic-write temp file (hidden, :data:`TEMP_PATTERN`) under ``folder``, a folder this project
+    owns (a reproduce run's folders): what a killed run left; returns their paths."""
+    gone = []
+    folder = Path(folder)
+    if folder.is_dir() and not folder.is_symlink():
+        for p in folder.rglob(".*"):
+            if TEMP_PATTERN.match(p.name) and p.is_file() and not p.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                gone.append(str(p))
+    return gone
+
+
 class OutputSet:
     """Context manager: a staging folder inside ``out`` for one output set (see the module docstring)."""
 

@@ -30,7 +30,7 @@ KEYS = {"step": int, "samples": int, "config": dict, "student": dict, "teacher":
 # PretrainConfig fields a resume may not change: they fix parameter shapes or what a step means
 FIXED_FIELDS = ("model", "model_overrides", "head_out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers",
                 "ibot_separate_head", "contrast_weight", "contrast_dim")
-TEMP_STEMS = ("checkpoint", "config", "teacher_backbone")  # atomic-write temp files of these are swept on start
+TEMP_STEMS = ("checkpoint", "config", "teacher_backbone", "log", "val_log")  # atomic-write temp files of these are swept on start
 
 
 def save(state: dict, run_dir: str | os.PathLike) -> Path:
