@@ -25,10 +25,10 @@ import torch
 from . import io
 from .errors import DinoregError
 from .pipeline import (AlignedPair, Displacement, Metrics, RegisterConfig, align, config_from, evaluate,
-                       get_registration_method, prepare_out_dir, write)
+                       get_registration_method, write)
 from .pipeline.evaluate import label_metrics  # noqa: F401 - re-exported (older callers)
 from .pipeline.feature_path import compute_features  # noqa: F401 - re-exported (older callers)
-from .outputs import check_not_inputs
+from .outputs import check_not_inputs, check_out_dir
 from .progress import stage
 from .pipeline.checks import check_register_config, check_volume_size
 
@@ -112,7 +112,9 @@ def register_aligned(pair: AlignedPair, cfg: RegisterConfig, *, out_dir: str | o
         check_volume_size([b - a for a, b in zip(lo, hi)], cfg.convex,
                           f"fixed image {pair.fixed.path or ''} (registered box)".replace("  ", " "))
     device = torch_device(cfg.device)
-    out = prepare_out_dir(out_dir) if out_dir is not None else None
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_out_dir(out)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     with stage(f"register ({cfg.features})"):
@@ -154,9 +156,9 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
     get_registration_method(cfg.features)
     torch_device(cfg.device)
     inputs = [str(x) for x in (fixed, moving, fixed_labels, moving_labels) if isinstance(x, (str, os.PathLike))]
-    if out_dir is not None:
+    if out_dir is not None:  # checked now, created only when the files are written
+        check_out_dir(out_dir)
         check_not_inputs(out_dir, inputs)
-        prepare_out_dir(out_dir)
     with stage("align"):
         pair = align(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, init=cfg.init,
                      fixed_modality=cfg.fixed_modality, moving_modality=cfg.moving_modality, label_map=label_map,

@@ -87,6 +87,23 @@ def check_not_inputs(out: str | os.PathLike, inputs) -> None:
                 raise DinoregError(f"The output {q} is the same file as an input; choose another --out.")
 
 
+def check_out_dir(out: str | os.PathLike) -> None:
+    """Refuse (before any work, creating nothing) an output folder that cannot be made: a file of that name, a
+    file among its parents, or a nearest existing parent that is not writable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DinoregError(f"The output folder {out} is a file; choose another --out.")
+    p = out
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise DinoregError(f"The output folder {out} cannot be created: {p} is a file.")
+    if p.exists() and not os.access(p, os.W_OK | os.X_OK):
+        raise DinoregError(f"The output folder {out} cannot be created or written: {p} is not writable.")
+
+
 def read_manifest(out: str | os.PathLike) -> dict | None:
     """The manifest of ``out`` (None when absent or unreadable)."""
     p = Path(out) / MANIFEST

@@ -129,6 +129,7 @@ def make_workspace(root: Path) -> Path:
                str(inp / "flab.nii.gz"), "--moving-labels", str(inp / "mlab.nii.gz"), "--out", str(root / "prev"),
                *FAST])
     assert rc == 0, "the earlier output set could not be made"
+    _dinov2_pickle_folder(root / "dv2_pickle")
     _pretrain_inputs(root)
     _reproduce_inputs(root)
     return root
@@ -166,6 +167,15 @@ def _pretrain_inputs(root: Path) -> None:
             torch.save(good, run / "checkpoint.pt")  # its config has head_out_dim 512; the case asks for 128
         else:
             (run / "checkpoint.pt").write_bytes(blob)
+
+
+def _dinov2_pickle_folder(folder: Path) -> None:
+    """A Hugging Face DINOv2 folder (config.json) whose pytorch_model.bin is a malicious pickle."""
+    from transformers import Dinov2Config
+
+    Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                 patch_size=14).save_pretrained(str(folder))
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Evil(str(folder.parent / "PWNED"))))
 
 
 class _Evil:
@@ -252,6 +262,10 @@ def _resume(run):
 
 def _rep(*extra):
     return lambda ws: ["reproduce", "--out", str(ws / "results"), "--no-progress", *extra]
+
+
+def _absent(p: Path):
+    assert not p.exists(), f"{p} was created by a failing run"
 
 
 def _not_pwned(ws):
@@ -342,6 +356,10 @@ CASES: list[Case] = [
     Case("bad_cuda_device", "--device cuda:banana", _reg("--device", "cuda:banana"), "cuda:banana", "out"),
     Case("intensity_option", "--features intensity --set feat.mind_r=1", _reg("--features", "intensity", "--set",
          "feat.mind_r=1"), "mind_r", "out"),
+    Case("dinov2_pickle_bin", "a dinov2 folder whose .bin is a malicious pickle",
+         _reg("--features", "dinov2", "--weights", "{ws}/dv2_pickle"), "dv2_pickle", "out", check=_not_pwned),
+    Case("new_out_not_created", "a failing run does not create a new --out", _set("lr=inf", out="never_made"),
+         "lr", "never_made", copy_prev=False, check=lambda ws: _absent(ws / "never_made")),
     # --- outputs
     Case("input_named_warped", "moving input named warped.nii.gz inside --out",
          lambda ws: ["register", str(ws / "in/fixed.nii.gz"), str(ws / "out/warped.nii.gz"), "--out", str(ws / "out"),
