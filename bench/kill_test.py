@@ -5,7 +5,7 @@
 
 For each command: one uninterrupted run first (its wall time T sets the range of kill moments), then repeated runs
 into the same folder, each killed with SIGKILL (the whole process group: papermill kernels too) at a random moment,
-in turn: uniform in [0, T]; 0-300 ms after writing began (a staging folder, an atomic temp file or a running
+in turn: uniform in [0, T]; 0-100 ms after writing began (a staging folder, an atomic temp file or a running
 notebook appeared); in the last 30 % of T. After every
 kill the folder is checked:
 
@@ -115,15 +115,12 @@ def run_killed_when(args, cwd, seen, delay_s: float, timeout_s: float) -> tuple[
     return None, hit
 
 
-def plan(rng: random.Random, n: int, total: float) -> list[tuple[str, float]]:
-    """Kill moments in turn: uniform over the run, at the moment files are written (+ 0-300 ms), in the last 30 %."""
-    kinds = ("uniform", "writing", "late")
-    out = []
-    for i in range(n):
-        k = kinds[i % 3]
-        out.append((k, rng.uniform(0.0, 0.3) if k == "writing" else
-                    rng.uniform(0.05, 1.0) * total if k == "uniform" else rng.uniform(0.7, 1.0) * total))
-    return out
+def moment(rng: random.Random, i: int, total: float) -> tuple[str, float]:
+    """Kill moment ``i``, by turns: uniform over the run, when files are being written (+ 0-100 ms), in the last 30 %."""
+    kind = ("uniform", "writing", "late")[i % 3]
+    if kind == "writing":
+        return kind, rng.uniform(0.0, 0.1)
+    return kind, (rng.uniform(0.05, 1.0) if kind == "uniform" else rng.uniform(0.7, 1.0)) * total
 
 
 def kill_once(args, cwd, kind: str, t: float, seen, timeout_s: float) -> tuple[int | None, str]:
@@ -204,19 +201,23 @@ def kill_register(work: Path, n: int, rng: random.Random, log) -> bool:
     rc, T = run_full(args, work)
     log(f"register: uninterrupted run rc {rc}, {T:.1f} s, complete: {verify(out) is None}")
     ok = rc == 0 and verify(out) is None
-    for i, (kind, t) in enumerate(plan(rng, n, T)):
+    kills, i = 0, 0
+    while kills < n and i < 4 * n:
+        kind, t = moment(rng, i, T)
+        i += 1
         rc, when = kill_once(args, work, kind, t, _writing(out), 3 * T)
+        kills += rc is None
         state = verify(out)
         complete = state is None
         bad = partial_final_files(out)
         left = leftovers(out)
         ok &= not bad and (complete or not (out / "outputs.json").exists())
-        log(f"register kill {i + 1}: {when} ({'finished first, rc ' + str(rc) if rc is not None else 'killed'})"
+        log(f"register {'kill ' + str(kills) if rc is None else 'attempt'}: {when} ({'finished first, rc ' + str(rc) if rc is not None else 'killed'})"
             f"; set {'complete' if complete else 'incomplete (no outputs.json)'}; partial final files {bad or 'none'};"
             f" leftovers {left or 'none'}")
     rc, _ = run_full(args, work)
     left = leftovers(out)
-    done = rc == 0 and verify(out) is None and not left
+    done = rc == 0 and verify(out) is None and not left and kills >= n
     log(f"register rerun: rc {rc}, complete {verify(out) is None}, leftovers after rerun {left or 'none'}")
     return ok and done
 
@@ -234,44 +235,53 @@ def _same(a, b) -> bool:
 
 
 def kill_pretrain(work: Path, n: int, rng: random.Random, log) -> bool:
+    """Cycles of: a fresh run folder, runs killed (then ``--resume``) until it finishes, compared bit for bit with the
+    uninterrupted run; until ``n`` kills happened."""
     import torch
     from safetensors.torch import load_file
 
-    ref, run = work / "pt_ref", work / "pt_run"
+    ref = work / "pt_ref"
     rc, T = run_full(["pretrain", "--config", "pretrain.json", "--data", "scans", "--out", str(ref)], work)
     log(f"pretrain: uninterrupted run rc {rc}, {T:.1f} s")
     ok = rc == 0
-    for i, (kind, t) in enumerate(plan(rng, n, T)):
-        args = ["pretrain", "--config", "pretrain.json", "--data", "scans", "--out", str(run)]
-        if (run / "checkpoint.pt").exists() or (run / "checkpoint.prev.pt").exists():
-            args.append("--resume")
-        rc, when = kill_once(args, work, kind, t, _writing(run), 3 * T)
-        bad = partial_final_files(run) if run.exists() else []
-        step = None
-        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
-            if (run / name).exists():
-                step = torch.load(run / name, map_location="cpu", weights_only=True)["step"]
-                break
-        ok &= not bad
-        log(f"pretrain kill {i + 1}: {when} ({'finished first, rc ' + str(rc) if rc is not None else 'killed'})"
-            f"; newest checkpoint step {step}; partial final files {bad or 'none'}; "
-            f"leftovers {(leftovers(run) if run.exists() else []) or 'none'}")
-        if (run / "teacher_backbone.safetensors").exists():
-            break
-    if not (run / "teacher_backbone.safetensors").exists():
-        rc, _ = run_full(["pretrain", "--config", "pretrain.json", "--data", "scans", "--out", str(run), "--resume"],
-                         work)
-        log(f"pretrain rerun (--resume): rc {rc}")
-        ok &= rc == 0
     a = torch.load(ref / "checkpoint.pt", weights_only=True)
-    b = torch.load(run / "checkpoint.pt", weights_only=True)
+    ea = load_file(ref / "teacher_backbone.safetensors")
+    kills, cycle, attempts = 0, 0, 0
     keys = ("student", "teacher", "dino_center", "ibot_center", "optimizer", "scaler", "rng", "samples", "step")
-    same = all(_same(a[k], b[k]) for k in keys)
-    same_export = _same(load_file(ref / "teacher_backbone.safetensors"), load_file(run / "teacher_backbone.safetensors"))
-    left = leftovers(run)
-    log(f"pretrain through kills + --resume vs uninterrupted: checkpoint bit-identical {same}, exported teacher "
-        f"bit-identical {same_export}; leftovers after the rerun {left or 'none'}")
-    return ok and same and same_export and not left
+    while kills < n and attempts < 4 * n:
+        run = work / f"pt_run{cycle}"
+        while kills < n and attempts < 4 * n and not (run / "teacher_backbone.safetensors").exists():
+            attempts += 1
+            kind, t = moment(rng, attempts - 1, T)
+            args = ["pretrain", "--config", "pretrain.json", "--data", "scans", "--out", str(run)]
+            if (run / "checkpoint.pt").exists() or (run / "checkpoint.prev.pt").exists():
+                args.append("--resume")
+            rc, when = kill_once(args, work, kind, t, _writing(run), 3 * T)
+            kills += rc is None
+            bad = partial_final_files(run) if run.exists() else []
+            step = None
+            for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+                if (run / name).exists():
+                    step = torch.load(run / name, map_location="cpu", weights_only=True)["step"]
+                    break
+            ok &= not bad and rc in (None, 0)
+            log(f"pretrain run {cycle}, {'kill ' + str(kills) if rc is None else 'attempt'}: {when} "
+                f"({'finished first, rc ' + str(rc) if rc is not None else 'killed'}); newest checkpoint step {step}; "
+                f"partial final files {bad or 'none'}; leftovers {(leftovers(run) if run.exists() else []) or 'none'}")
+        if not (run / "teacher_backbone.safetensors").exists():
+            rc, _ = run_full(["pretrain", "--config", "pretrain.json", "--data", "scans", "--out", str(run),
+                              "--resume"], work)
+            log(f"pretrain run {cycle} rerun (--resume) to the end: rc {rc}")
+            ok &= rc == 0
+        b = torch.load(run / "checkpoint.pt", weights_only=True)
+        same = all(_same(a[k], b[k]) for k in keys)
+        same_export = _same(ea, load_file(run / "teacher_backbone.safetensors"))
+        left = leftovers(run)
+        log(f"pretrain run {cycle} through kills + --resume vs uninterrupted: checkpoint bit-identical {same}, "
+            f"exported teacher bit-identical {same_export}; leftovers after the rerun {left or 'none'}")
+        ok &= same and same_export and not left
+        cycle += 1
+    return ok and kills >= n
 
 
 def kill_reproduce(work: Path, n: int, rng: random.Random, log) -> bool:
@@ -280,8 +290,12 @@ def kill_reproduce(work: Path, n: int, rng: random.Random, log) -> bool:
     rc, T = run_full(base + ["--out", str(ref_out)], work)
     log(f"reproduce: uninterrupted run rc {rc}, {T:.1f} s")
     ok = rc == 0
-    for i, (kind, t) in enumerate(plan(rng, n, T)):
+    kills, i = 0, 0
+    while kills < n and i < 3 * n:
+        kind, t = moment(rng, i, T)
+        i += 1
         rc, when = kill_once(base + ["--out", str(out)], work, kind, t, _writing(out), 3 * T)
+        kills += rc is None
         run = out / "runs" / "tiny"
         recorded, broken = [], []
         for rec in sorted((run / "steps").glob("*.json")) if (run / "steps").is_dir() else []:
@@ -290,7 +304,7 @@ def kill_reproduce(work: Path, n: int, rng: random.Random, log) -> bool:
             broken += [f for f in d.get("outputs", []) if not Path(f).exists()]
         bad = partial_final_files(out) if out.exists() else []
         ok &= not broken and not bad
-        log(f"reproduce kill {i + 1}: {when} ({'finished first, rc ' + str(rc) if rc is not None else 'killed'})"
+        log(f"reproduce {'kill ' + str(kills) if rc is None else 'attempt'}: {when} ({'finished first, rc ' + str(rc) if rc is not None else 'killed'})"
             f"; recorded steps {recorded or 'none'}; missing outputs of recorded steps {broken or 'none'}; partial "
             f"final files {bad or 'none'}; leftovers {(leftovers(out) if out.exists() else []) or 'none'}")
     rc, T2 = run_full(base + ["--out", str(out)], work)
