@@ -176,12 +176,26 @@ class OutputSet:
     def __enter__(self) -> "OutputSet":
         check_not_inputs(self.out, self.inputs)
         sweep(self.out)
-        self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out))
+        try:
+            self.dir = Path(tempfile.mkdtemp(prefix=self._prefix(), dir=self.out))
+        except BaseException:  # a signal between mkdtemp and here: no __exit__ will run
+            self._remove_own()
+            raise
         return self
+
+    def _prefix(self) -> str:
+        return f"{STAGING_PREFIX}{os.getpid()}-"
+
+    def _remove_own(self) -> None:
+        """Remove this process's staging folders in ``out``."""
+        for p in self.out.glob(self._prefix() + "*"):
+            shutil.rmtree(p, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.dir is not None and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
+        if exc_type is not None:
+            self._remove_own()
         if exc_type is not None and issubclass(exc_type, OSError):
             state = "an earlier complete set is kept" if not self.committed and verify(self.out) is None else \
                 "the folder holds no complete set (no outputs.json)"
@@ -193,7 +207,12 @@ class OutputSet:
 
     def commit(self, files: dict) -> dict[str, str]:
         """Move the staged ``files`` ({kind: staged path}) into ``out``, drop the previous set's other files, write
-        the manifest last; returns {kind: final path}."""
+        the manifest last; returns {kind: final path}. SIGTERM and SIGINT wait until the commit is done (it is renames
+        and one small file), so a catchable signal never leaves a half-committed set."""
+        with _signals_deferred():
+            return self._commit(files)
+
+    def _commit(self, files: dict) -> dict[str, str]:
         staged = {k: Path(v) for k, v in files.items()}
         for k, p in staged.items():
             if p.parent != self.dir:
@@ -219,6 +238,22 @@ class OutputSet:
         self.committed = True
         final["manifest"] = self.out / MANIFEST
         return {k: str(v) for k, v in final.items()}
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Block SIGTERM and SIGINT in this thread for the block (delivered right after it); a no-op where the platform
+    has no signal masks."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def strict_json(obj):

@@ -123,3 +123,34 @@ def test_a_damaged_scan_is_skipped_the_same_way_every_time(ws, tmp_path, capsys)
     assert bad not in got[0] and set(views[0].skipped) == {bad}
     err = capsys.readouterr().err
     assert "skipped the damaged scan" in err and "b.nii.gz" in err
+
+
+def test_sigterm_while_writing_removes_the_partial_files(ws, tmp_path):
+    """SIGTERM once writing has begun (a staging folder exists): exit 143, no staging folder or temp file left, the
+    earlier complete set still complete."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fault_cases import REPO
+
+    out = tmp_path / "term"
+    shutil.copytree(ws / "prev", out)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, "-m", "dinoreg_core.cli", "register", str(ws / "in/fixed.nii.gz"),
+                          str(ws / "in/moving.nii.gz"), "--out", str(out), *FAST], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while p.poll() is None and not any(q.name.startswith(".dinoreg-staging-") for q in out.iterdir()):
+        assert time.time() - t0 < 300
+        time.sleep(0.001)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    if p.returncode == 0:  # it finished between the check and the signal: a complete new set
+        assert verify(out) is None
+        return
+    assert p.returncode == 143 and "terminated" in err and "Traceback" not in err
+    assert not [q.name for q in out.iterdir() if q.name.startswith(".")]
+    assert verify(out) is None
