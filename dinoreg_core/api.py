@@ -28,7 +28,7 @@ from .pipeline import (AlignedPair, Displacement, Metrics, RegisterConfig, align
                        get_registration_method, write)
 from .pipeline.evaluate import label_metrics  # noqa: F401 - re-exported (older callers)
 from .pipeline.feature_path import compute_features  # noqa: F401 - re-exported (older callers)
-from .outputs import check_not_inputs, check_out_dir
+from .outputs import check_not_inputs, check_out_dir, sweep
 from .progress import stage
 from .pipeline.checks import check_register_config, check_volume_size
 
@@ -159,6 +159,7 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
     if out_dir is not None:  # checked now, created only when the files are written
         check_out_dir(out_dir)
         check_not_inputs(out_dir, inputs)
+        sweep(out_dir)  # what a killed run left there
     with stage("align"):
         pair = align(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, init=cfg.init,
                      fixed_modality=cfg.fixed_modality, moving_modality=cfg.moving_modality, label_map=label_map,

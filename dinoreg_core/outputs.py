@@ -130,15 +130,31 @@ def verify(out: str | os.PathLike) -> str | None:
     return None
 
 
+def _owner_alive(staging_name: str) -> bool:
+    """True when the staging folder's name carries the id of a running process other than this one."""
+    head = staging_name[len(STAGING_PREFIX):].split("-", 1)[0]
+    if not head.isdigit() or int(head) == os.getpid():
+        return False
+    try:
+        os.kill(int(head), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours to signal
+        return True
+    return True
+
+
 def sweep(out: str | os.PathLike) -> list[str]:
-    """Remove staging folders and atomic temp files of output names left in ``out`` by a killed run; returns their
-    names."""
+    """Remove staging folders and atomic temp files of output names left in ``out`` by a killed run (a staging
+    folder of a process still running is left alone); returns their names."""
     out = Path(out)
     gone = []
     if not out.is_dir():
         return gone
     for p in out.iterdir():
         if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink():
+            if _owner_alive(p.name):
+                continue  # another run writing into this folder right now
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p.name)
             continue
