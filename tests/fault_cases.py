@@ -286,7 +286,7 @@ CASES: list[Case] = [
     Case("fixed_truncated", "fixed .nii.gz cut in half", _reg(fixed="truncated.nii.gz"), "damaged or truncated", "out",
          subprocess=True),
     Case("fixed_random", "fixed .nii.gz of random bytes", _reg(fixed="random.nii.gz"), "random.nii.gz", "out"),
-    Case("header_2000_gz", "1 KB .nii.gz whose header claims 2000^3 voxels", _reg(fixed="claims2000.nii.gz"),
+    Case("header_2000_gz", "a tiny .nii.gz whose header claims 2000^3 voxels", _reg(fixed="claims2000.nii.gz"),
          "damaged or truncated", "out"),
     Case("header_2000_nii", "1 KB .nii whose header claims 2000^3 voxels", _reg(moving="claims2000.nii"),
          "damaged or truncated", "out"),
