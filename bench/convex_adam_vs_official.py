@@ -238,6 +238,9 @@ def main() -> None:
                       f"Dice {row['dice']:.3f}  field error {row['field_error_mm']:.2f} mm", flush=True)
     __import__("shutil").rmtree(tmpdir, ignore_errors=True)
     df = pd.DataFrame(rows)
+    df["machine"] = f"{platform.processor() or platform.machine()} {os.cpu_count()} cores"
+    df["threads"], df["mode"] = a.threads, a.mode
+    df["date"] = datetime.datetime.now().isoformat(timespec="minutes")
     med = df.groupby(["spacing_mm", "shape", "impl"])[["seconds", "cpu_seconds", "peak_rss_mb", "dice",
                                                        "field_error_mm", "load_1min"]].median()
     med = med.reset_index()

@@ -66,7 +66,8 @@ def _dice(fixed_lab: np.ndarray, moving_lab: np.ndarray, disp: torch.Tensor | No
     return float(np.nanmean([v for v in d.values()]))
 
 
-def _register(method: str, fi: np.ndarray, mi: np.ndarray, fmod: str, mmod: str, options: dict):
+def _register(method: str, fi: np.ndarray, mi: np.ndarray, fmod: str, mmod: str, options: dict,
+              sum_cost: bool = False):
     ft = torch.from_numpy(fi)[None, None]
     mt = torch.from_numpy(mi)[None, None]
     ff, mf = compute_pair_features(method, ft, mt, fixed_modality=fmod, moving_modality=mmod, device="cpu",
@@ -74,10 +75,13 @@ def _register(method: str, fi: np.ndarray, mi: np.ndarray, fmod: str, mmod: str,
     size = fi.shape
     ff = F.interpolate(ff, size=size, mode="trilinear", align_corners=False) if ff.shape[2:] != size else ff
     mf = F.interpolate(mf, size=size, mode="trilinear", align_corners=False) if mf.shape[2:] != size else mf
-    return convex_adam(ff, mf, ConvexAdamConfig())
+    # sum_cost: the Adam SSD summed over channels (cost_scale = C) like the discrete stage, instead of the mean
+    # over channels x 12, so extra channels do not dilute the 12 MIND channels (same as MIND alone when C = 12)
+    return convex_adam(ff, mf, ConvexAdamConfig(cost_scale=float(ff.shape[1])) if sum_cost else ConvexAdamConfig())
 
 
-def run(experiment: str, n_pairs: int, cache_dir: str, dino_weights: list[float]) -> list[dict]:
+def run(experiment: str, n_pairs: int, cache_dir: str, dino_weights: list[float], sum_cost: bool = False,
+        only_hybrid: bool = False) -> list[dict]:
     spacing, shape = (3.0, (128, 104, 112)) if experiment == "hybrid" else (2.0, (128, 104, 112))
     subjects = {}
     rows = []
@@ -95,15 +99,17 @@ def run(experiment: str, n_pairs: int, cache_dir: str, dino_weights: list[float]
             d0 = _dice(flab, mlab, None)
             base = {"cache_dir": cache_dir, "progress": False}
             if experiment == "hybrid":
-                variants = [("mind", {}), ("dino3d", base)]
+                variants = [] if only_hybrid else [("mind", {}), ("dino3d", base)]
                 variants += [("dino3d+mind", {**base, "dino_weight": w}) for w in dino_weights]
             else:
                 variants = [("dino3d", {**base, "spacing_mm": spacing, "spacing_aware": True}),
                             ("dino3d", {**base, "spacing_mm": spacing, "spacing_aware": False})]
             for method, opts in variants:
                 t0 = time.perf_counter()
-                disp = _register(method, fi, mi, fmod, mmod, opts)
+                disp = _register(method, fi, mi, fmod, mmod, opts, sum_cost and method.endswith("+mind"))
                 shown = {k: v for k, v in opts.items() if k not in ("cache_dir", "progress")}
+                if sum_cost and method.endswith("+mind"):
+                    shown["cost_scale"] = "channels"
                 row = {**_meta(), "experiment": experiment, "task": task, "pair": f"{a:04d}_{b:04d}",
                        "spacing_mm": spacing, "method": method, "options": str(shown),
                        "dice_initial": f"{d0:.3f}", "dice": f"{_dice(flab, mlab, disp):.3f}",
@@ -119,11 +125,13 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--dino-weights", default="0.25,0.5,1.0", help="dino_weight values of the hybrid")
     ap.add_argument("--cache-dir", default=None, help="feature cache folder (default: a temporary folder)")
+    ap.add_argument("--sum-cost", action="store_true", help="hybrid: ConvexAdam cost_scale = channel count")
+    ap.add_argument("--only-hybrid", action="store_true", help="hybrid experiment: skip the mind and dino3d rows")
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         rows = run(args.experiment, args.pairs, args.cache_dir or tmp,
-                   [float(w) for w in args.dino_weights.split(",")])
+                   [float(w) for w in args.dino_weights.split(",")], args.sum_cost, args.only_hybrid)
     append_rows(OUT, COLUMNS, rows)
     print(f"appended {len(rows)} rows to {OUT}")
 

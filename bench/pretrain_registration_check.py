@@ -6,8 +6,9 @@ MR-MR and MR-CT pairs, and the same MR tasks with the held-back MR appearance ``
 (``mrmr_heldout``, ``mrct_heldout``). Every method runs with the default :class:`dinoreg_core.api.RegisterConfig`
 (the one code path of the API), so only the features differ.
 
-Each method's rows are written to ``OUT/<method>.csv`` (one row per pair and organ; cached: a method already there
-is not rerun unless ``--force``), so baselines can be measured while a pretraining run is still going. Then the
+Pairs are taken one after the other, each with every method, and each (method, pair)'s rows are appended to
+``OUT/<method>.csv`` at once (one row per organ; pairs already there are skipped unless ``--force``), so an
+interrupted check resumes and partial results stay paired. Then the
 summary over every method present: ``OUT/summary.csv`` (mean Dice per task and method; pairs), ``OUT/per_organ.csv``
 and ``OUT/wilcoxon.csv`` (per-pair mean Dice, each method against ``--reference``), ``OUT/summary.md``.
 
@@ -47,24 +48,28 @@ def pair_specs(cohort: Path, tasks, n: int):
     return specs
 
 
-def run_method(name: str, spec: str, pairs, out: Path) -> pd.DataFrame:
+def run_method(name: str, spec: str, pairs, out: Path, force: bool = False) -> None:
+    """Register every pair with one method; each pair's rows are appended to ``OUT/<name>.csv`` as soon as they
+    exist, and pairs already there are skipped (so an interrupted check resumes)."""
     from dinoreg_core.evaluation.runner import evaluate
     from dinoreg_core.labels import L2R_ABDOMEN_CT
 
     features, _, weights = spec.partition(":")
     settings = {features: {"feat.weights": weights}} if weights else {}
-    frames = []
+    path = out / f"{name}.csv"
+    if force and path.exists():
+        path.unlink()
+    done = set(pd.read_csv(path)["pair"]) if path.exists() else set()
     for task, p in pairs:
+        if p.name in done:
+            continue
         df = evaluate([p], [features], dataset=task, label_names=L2R_ABDOMEN_CT, method_settings=settings,
                       progress=False)
-        frames.append(df)
-        print(f"{name} {p.name}: dice {df[df.method == features].dice.mean():.3f} "
+        df["method"] = df["method"].where(df["method"] == "initial", name)
+        df["weights"] = weights
+        df.to_csv(path, mode="a", header=not path.exists(), index=False, float_format="%.5g")
+        print(f"{name} {p.name}: dice {df[df.method == name].dice.mean():.3f} "
               f"(initial {df[df.method == 'initial'].dice.mean():.3f})", flush=True)
-    df = pd.concat(frames, ignore_index=True)
-    df["method"] = df["method"].where(df["method"] == "initial", name)
-    df["weights"] = weights
-    df.to_csv(out / f"{name}.csv", index=False, float_format="%.5g")
-    return df
 
 
 def summarise(out: Path, reference: str) -> None:
@@ -121,12 +126,10 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     pairs = pair_specs(Path(a.cohort), a.tasks.split(","), a.pairs)
-    for m in a.method:
-        name, _, spec = m.partition("=")
-        if (out / f"{name}.csv").exists() and not a.force:
-            print(f"{name}: cached in {out / (name + '.csv')}")
-            continue
-        run_method(name, spec, pairs, out)
+    for i, pair in enumerate(pairs):                     # pair by pair, every method: partial results stay paired
+        for m in a.method:
+            name, _, spec = m.partition("=")
+            run_method(name, spec, [pair], out, force=a.force and i == 0)
     summarise(out, a.reference)
 
 

@@ -5,8 +5,14 @@ cohort generated with a seed the pretraining did not use, CT and MR of every sub
 voxels carry one label for at least ``--purity`` of the patch becomes a token with that label (background
 included as a class). For every feature method the token features are standardised and a multinomial logistic
 regression (scikit-learn) is fitted on the training subjects and scored on the test subjects by balanced
-accuracy (mean recall over classes; chance = 1 / classes). Three settings: CT -> CT, MR -> MR and CT -> MR
-(fitted on CT tokens only, scored on MR tokens: a modality-invariant feature keeps its accuracy).
+accuracy (mean recall over classes; chance = 1 / classes). Settings: CT -> CT, MR -> MR, CT -> MR and MR -> CT
+(fitted on one modality's tokens only, scored on the other's: a modality-invariant feature keeps its accuracy), and,
+when the cohort holds the held-back MR appearance (``_0002`` images of the evaluation cohort of
+:mod:`dinoreg_core.data.cohorts`, labels of ``_0001``), CT -> PD and MR -> PD: scored on an MR look that
+pretraining never rendered.
+
+``--cohort`` may name an existing cohort folder (its ``*_dataset.json`` gives the task name; the first
+``--subjects`` cases are used, the last ``--test-subjects`` of them as the test set).
 
 Methods: ``dino3d:NAME=PATH`` for exported backbones (several allowed), ``random`` (the first backbone's
 architecture with random weights: what the architecture alone gives), ``mind`` (MIND-SSC averaged over each
@@ -127,9 +133,15 @@ def main(argv=None) -> int:
 
     tmp = tempfile.TemporaryDirectory()
     cohort = args.cohort or Path(tmp.name) / "cohort"
-    cfg = PhantomConfig(n_subjects=args.subjects, seed=args.seed, mr_fraction=1.0, n_val_subjects=0)
-    generate_cohort(cohort, cfg, progress=False)
-    task = cfg.task
+    existing = sorted(cohort.glob("*_dataset.json")) if cohort.is_dir() else []
+    if existing:
+        import json
+
+        task = json.loads(existing[0].read_text())["name"]
+    else:
+        cfg = PhantomConfig(n_subjects=args.subjects, seed=args.seed, mr_fraction=1.0, n_val_subjects=0)
+        generate_cohort(cohort, cfg, progress=False)
+        task = cfg.task
     cases = list(range(1, args.subjects + 1))
     test_cases = set(cases[-args.test_subjects:])
 
@@ -150,10 +162,15 @@ def main(argv=None) -> int:
     # normalised images and token labels of every (case, modality)
     data = {}
     for c in cases:
-        for mod, suffix in (("ct", "0000"), ("mr", "0001")):
-            img = load_volume(cohort / "imagesTr" / f"{task}_{c:04d}_{suffix}.nii.gz")
-            lab = load_volume(cohort / "labelsTr" / f"{task}_{c:04d}_{suffix}.nii.gz", what="labels")
-            data[(c, mod)] = (normalize_intensity(img.array, mod), token_labels(lab.array, args.purity))
+        for mod, suffix, lab_suffix in (("ct", "0000", "0000"), ("mr", "0001", "0001"), ("pd", "0002", "0001")):
+            path = cohort / "imagesTr" / f"{task}_{c:04d}_{suffix}.nii.gz"
+            if mod == "pd" and not path.exists():
+                continue
+            img = load_volume(path)
+            lab = load_volume(cohort / "labelsTr" / f"{task}_{c:04d}_{lab_suffix}.nii.gz", what="labels")
+            norm = "ct" if mod == "ct" else "mr"
+            data[(c, mod)] = (normalize_intensity(img.array, norm), token_labels(lab.array, args.purity))
+    held_back = all((c, "pd") in data for c in cases)
 
     rows = []
     machine = f"{platform.node() or 'host'} {platform.machine()} {os.cpu_count()} cpus"
@@ -166,8 +183,11 @@ def main(argv=None) -> int:
             y = tl.reshape(-1)
             keep = y >= 0
             feats[key] = (f[keep], y[keep])
-        for setting, train_mods, test_mod in (("CT->CT", ("ct",), "ct"), ("MR->MR", ("mr",), "mr"),
-                                              ("CT->MR", ("ct",), "mr")):
+        settings = [("CT->CT", ("ct",), "ct"), ("MR->MR", ("mr",), "mr"), ("CT->MR", ("ct",), "mr"),
+                    ("MR->CT", ("mr",), "ct")]
+        if held_back:
+            settings += [("CT->PD", ("ct",), "pd"), ("MR->PD", ("mr",), "pd")]
+        for setting, train_mods, test_mod in settings:
             tr = [feats[(c, m)] for c in cases if c not in test_cases for m in train_mods]
             te = [feats[(c, test_mod)] for c in cases if c in test_cases]
             tx, ty = np.concatenate([a for a, _ in tr]), np.concatenate([b for _, b in tr])

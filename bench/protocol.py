@@ -30,18 +30,26 @@ def main(argv=None) -> int:
     p.add_argument("--subjects", type=int, default=d.n_subjects)
     p.add_argument("--methods", default=",".join(d.methods))
     p.add_argument("--presets", default=",".join(d.presets))
-    p.add_argument("--tasks", default=",".join(d.tasks))
+    p.add_argument("--tasks", default=",".join(d.tasks), help="cohort tasks ('' with --real: the real pair only)")
     p.add_argument("--cohort", help="an existing evaluation cohort (json or folder)")
     p.add_argument("--real", help="folder of the real MR/CT pair (extra row)")
     p.add_argument("--cache", help="folder of the stored backbone features (default: OUT/feature_cache)")
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
     p.add_argument("--tables-only", action="store_true")
+    p.add_argument("--merge", nargs="+", metavar="DIR",
+                   help="with --tables-only: first combine the rows.csv of these protocol folders into OUT/rows.csv "
+                        "(one row per dataset, pair, method and label; the first folder wins)")
     a = p.parse_args(argv)
     setup_logging(0)
     cfg = ProtocolConfig(methods=tuple(a.methods.split(",")), presets=tuple(a.presets.split(",")),
-                         tasks=tuple(a.tasks.split(",")), pairs_per_task=a.pairs, spacing_mm=a.spacing,
+                         tasks=tuple(t for t in a.tasks.split(",") if t), pairs_per_task=a.pairs, spacing_mm=a.spacing,
                          n_subjects=a.subjects, cohort=a.cohort, real_pair=a.real, hd95=not a.no_hd95, cache_dir=a.cache)
     try:
+        if a.tables_only and a.merge:
+            parts = [pd.read_csv(Path(d) / "rows.csv") for d in a.merge if (Path(d) / "rows.csv").is_file()]
+            rows = pd.concat(parts, ignore_index=True).drop_duplicates(["dataset", "pair", "method", "label"])
+            Path(a.out).mkdir(parents=True, exist_ok=True)
+            rows.to_csv(Path(a.out) / "rows.csv", index=False, float_format="%.6g")
         if a.tables_only:
             files = write_tables(Path(a.out), pd.read_csv(Path(a.out) / "rows.csv"), cfg.presets,
                                  f"Evaluation protocol ({a.spacing:g} mm)")

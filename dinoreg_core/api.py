@@ -25,10 +25,10 @@ import torch
 from . import io
 from .errors import DinoregError
 from .pipeline import (AlignedPair, Displacement, Metrics, RegisterConfig, align, config_from, evaluate,
-                       get_registration_method, prepare_out_dir, write)
+                       get_registration_method, write)
 from .pipeline.evaluate import label_metrics  # noqa: F401 - re-exported (older callers)
 from .pipeline.feature_path import compute_features  # noqa: F401 - re-exported (older callers)
-from .outputs import check_not_inputs
+from .outputs import check_not_inputs, check_out_dir, sweep
 from .progress import stage
 from .pipeline.checks import check_register_config, check_volume_size
 
@@ -112,7 +112,9 @@ def register_aligned(pair: AlignedPair, cfg: RegisterConfig, *, out_dir: str | o
         check_volume_size([b - a for a, b in zip(lo, hi)], cfg.convex,
                           f"fixed image {pair.fixed.path or ''} (registered box)".replace("  ", " "))
     device = torch_device(cfg.device)
-    out = prepare_out_dir(out_dir) if out_dir is not None else None
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_out_dir(out)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     with stage(f"register ({cfg.features})"):
@@ -143,7 +145,7 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
         fixed_labels, moving_labels: optional label maps (paths or Volumes) on their image's grid.
         config: a complete :class:`RegisterConfig` (used as given: no preset is applied to it); keyword
             ``overrides`` (e.g. ``init="affine"``, ``grid_sp=4``, ``feature_options={...}``) are applied on top.
-        preset: without ``config``, the method's settings start from this preset (:mod:`dinoreg_core.presets`):
+        preset: without ``config``, the method's settings start from this preset (:mod:`dinoreg_core.pipeline.presets`):
             ``default`` (the method's default preset), ``official``, ``authors``, ``tuned`` or a preset file;
             ``overrides`` (``features="mind"``, ``lambda_weight=2``, ...) are applied on top.
         out_dir: when given, writes the files of :func:`dinoreg_core.pipeline.write` there (atomically).
@@ -169,9 +171,10 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
     get_registration_method(cfg.features)
     torch_device(cfg.device)
     inputs = [str(x) for x in (fixed, moving, fixed_labels, moving_labels) if isinstance(x, (str, os.PathLike))]
-    if out_dir is not None:
+    if out_dir is not None:  # checked now, created only when the files are written
+        check_out_dir(out_dir)
         check_not_inputs(out_dir, inputs)
-        prepare_out_dir(out_dir)
+        sweep(out_dir)  # what a killed run left there
     with stage("align"):
         pair = align(fixed, moving, fixed_labels=fixed_labels, moving_labels=moving_labels, init=cfg.init,
                      fixed_modality=cfg.fixed_modality, moving_modality=cfg.moving_modality, label_map=label_map,
@@ -182,7 +185,7 @@ def register(fixed, moving, *, fixed_labels=None, moving_labels=None, config: Re
 def method_config(method: str, settings: dict | None = None, *, preset: str | None = "default",
                   **fixed) -> RegisterConfig:
     """The :class:`RegisterConfig` of registry method ``method``: a feature method starts from ``preset``
-    (:mod:`dinoreg_core.presets`; ``default`` = its default preset) with ``settings`` (``--set`` names) on top; a
+    (:mod:`dinoreg_core.pipeline.presets`; ``default`` = its default preset) with ``settings`` (``--set`` names) on top; a
     peer keeps ``settings`` as its own options."""
     if get_registration_method(method).kind == "features":
         return config_from(method, settings, preset=preset, **fixed)

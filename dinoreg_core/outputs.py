@@ -90,6 +90,23 @@ def check_not_inputs(out: str | os.PathLike, inputs) -> None:
                 raise DinoregError(f"The output {q} is the same file as an input; choose another --out.")
 
 
+def check_out_dir(out: str | os.PathLike) -> None:
+    """Refuse (before any work, creating nothing) an output folder that cannot be made: a file of that name, a
+    file among its parents, or a nearest existing parent that is not writable."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DinoregError(f"The output folder {out} is a file; choose another --out.")
+    p = out
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise DinoregError(f"The output folder {out} cannot be created: {p} is a file.")
+    if p.exists() and not os.access(p, os.W_OK | os.X_OK):
+        raise DinoregError(f"The output folder {out} cannot be created or written: {p} is not writable.")
+
+
 def read_manifest(out: str | os.PathLike) -> dict | None:
     """The manifest of ``out`` (None when absent or unreadable)."""
     p = Path(out) / MANIFEST
@@ -116,15 +133,31 @@ def verify(out: str | os.PathLike) -> str | None:
     return None
 
 
+def _owner_alive(staging_name: str) -> bool:
+    """True when the staging folder's name carries the id of a running process other than this one."""
+    head = staging_name[len(STAGING_PREFIX):].split("-", 1)[0]
+    if not head.isdigit() or int(head) == os.getpid():
+        return False
+    try:
+        os.kill(int(head), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but not ours to signal
+        return True
+    return True
+
+
 def sweep(out: str | os.PathLike) -> list[str]:
-    """Remove staging folders and atomic temp files of output names left in ``out`` by a killed run; returns their
-    names."""
+    """Remove staging folders and atomic temp files of output names left in ``out`` by a killed run (a staging
+    folder of a process still running is left alone); returns their names."""
     out = Path(out)
     gone = []
     if not out.is_dir():
         return gone
     for p in out.iterdir():
         if p.name.startswith(STAGING_PREFIX) and p.is_dir() and not p.is_symlink():
+            if _owner_alive(p.name):
+                continue  # another run writing into this folder right now
             shutil.rmtree(p, ignore_errors=True)
             gone.append(p.name)
             continue
@@ -133,6 +166,20 @@ def sweep(out: str | os.PathLike) -> list[str]:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
             gone.append(p.name)
+    return gone
+
+
+def sweep_tree(folder: str | os.PathLike) -> list[str]:
+    """Remove every atomic-write temp file (hidden, :data:`TEMP_PATTERN`) under ``folder``, a folder this project
+    owns (a reproduce run's folders): what a killed run left; returns their paths."""
+    gone = []
+    folder = Path(folder)
+    if folder.is_dir() and not folder.is_symlink():
+        for p in folder.rglob(".*"):
+            if TEMP_PATTERN.match(p.name) and p.is_file() and not p.is_symlink():
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                gone.append(str(p))
     return gone
 
 
@@ -148,12 +195,26 @@ class OutputSet:
     def __enter__(self) -> "OutputSet":
         check_not_inputs(self.out, self.inputs)
         sweep(self.out)
-        self.dir = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out))
+        try:
+            self.dir = Path(tempfile.mkdtemp(prefix=self._prefix(), dir=self.out))
+        except BaseException:  # a signal between mkdtemp and here: no __exit__ will run
+            self._remove_own()
+            raise
         return self
+
+    def _prefix(self) -> str:
+        return f"{STAGING_PREFIX}{os.getpid()}-"
+
+    def _remove_own(self) -> None:
+        """Remove this process's staging folders in ``out``."""
+        for p in self.out.glob(self._prefix() + "*"):
+            shutil.rmtree(p, ignore_errors=True)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.dir is not None and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
+        if exc_type is not None:
+            self._remove_own()
         if exc_type is not None and issubclass(exc_type, OSError):
             state = "an earlier complete set is kept" if not self.committed and verify(self.out) is None else \
                 "the folder holds no complete set (no outputs.json)"
@@ -165,7 +226,12 @@ class OutputSet:
 
     def commit(self, files: dict) -> dict[str, str]:
         """Move the staged ``files`` ({kind: staged path}) into ``out``, drop the previous set's other files, write
-        the manifest last; returns {kind: final path}."""
+        the manifest last; returns {kind: final path}. SIGTERM and SIGINT wait until the commit is done (it is renames
+        and one small file), so a catchable signal never leaves a half-committed set."""
+        with _signals_deferred():
+            return self._commit(files)
+
+    def _commit(self, files: dict) -> dict[str, str]:
         staged = {k: Path(v) for k, v in files.items()}
         for k, p in staged.items():
             if p.parent != self.dir:
@@ -191,6 +257,22 @@ class OutputSet:
         self.committed = True
         final["manifest"] = self.out / MANIFEST
         return {k: str(v) for k, v in final.items()}
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Block SIGTERM and SIGINT in this thread for the block (delivered right after it); a no-op where the platform
+    has no signal masks."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def strict_json(obj):

@@ -46,6 +46,7 @@ from pathlib import Path
 from . import settings
 from .atomic import write_json_atomic
 from .errors import DinoregError
+from .outputs import sweep_tree
 
 PACKAGE = Path(__file__).resolve().parent
 PROFILES = PACKAGE / "configs"
@@ -264,6 +265,8 @@ def reproduce(profile: str, *, out="results", run_id: str | None = None, sets=()
     run_dir, figs, tabs = (Path(params[next(iter(params))][k]) for k in INJECTED)
     if fresh:
         clean_run(out, run_id)
+    for d in (run_dir, figs, tabs):  # temp files of a run killed while writing (kill -9 cannot be caught)
+        sweep_tree(d)
     try:
         for d in (run_dir / "steps", figs, tabs):
             d.mkdir(parents=True, exist_ok=True)

@@ -96,3 +96,14 @@ def test_parity_with_official_convexadam(real_dir, official):
     mad = (ours - ref).abs().mean().item()
     assert mad < 0.1, f"mean absolute difference {mad:.3f} voxels"
     assert ref.abs().mean() > 0.2  # the fields are not trivially zero
+
+
+def test_discrete_stage_in_chunks_equals_all_at_once():
+    g = torch.Generator().manual_seed(3)
+    fix, mov = torch.rand(1, 4, 7, 6, 5, generator=g), torch.rand(1, 4, 7, 6, 5, generator=g)
+    whole = CA.cost_volume(fix, mov, 2)
+    chunked = CA.cost_volume(fix, mov, 2, max_bytes=3 * 7 * 6 * 5 * 4 * 4)  # 3 candidates per chunk
+    torch.testing.assert_close(chunked, whole)
+    d_whole = CA.coupled_convex(whole, 2)
+    d_chunked = CA.coupled_convex(whole, 2, max_bytes=2 * 3 * 125 * 6 * 5 * 4)  # 2 rows of cells per chunk
+    torch.testing.assert_close(d_chunked, d_whole)

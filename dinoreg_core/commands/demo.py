@@ -1,8 +1,9 @@
 """``dinoreg demo``: the main job on embedded data — recover a known deformation of a real CT.
 
 Aligns the pair once, then runs every requested method on it through the pipeline's stages
-(:func:`dinoreg_core.api.register_methods`) and prints one comparison table. By default: ``dino3d`` (the shipped
-demo weights, when present) and ``mind``.
+(:func:`dinoreg_core.api.register_methods`) and prints one comparison table. By default every feature method that
+can run here (``intensity``, ``mind``, ``dino3d`` with the shipped demo weights, the ``dino3d+mind`` hybrid when
+present), each with its default preset (:mod:`dinoreg_core.pipeline.presets`; ``--preset`` picks another one for all).
 """
 
 from __future__ import annotations
@@ -16,10 +17,16 @@ from .common import print_label_table, print_result_summary
 log = logging.getLogger("dinoreg")
 
 
-def default_methods() -> str:
-    from ..features.dino3d import DEFAULT_WEIGHTS
+DEMO_METHODS = ("intensity", "mind", "dino3d", "dino3d+mind")  # shown when they can run here
 
-    return "dino3d,mind" if DEFAULT_WEIGHTS.exists() else "mind"
+
+def default_methods() -> str:
+    """The methods of :data:`DEMO_METHODS` that can run here (weights present, method registered)."""
+    from ..pipeline import available_registration_methods, method_status
+
+    known = [m for m in DEMO_METHODS if m in available_registration_methods()]
+    status = method_status(known)
+    return ",".join(m for m in known if status[m] is None)
 
 
 def add_parser(sub) -> None:
@@ -29,7 +36,10 @@ def add_parser(sub) -> None:
                      "smooth random field, register it back with each method and print Dice per organ, the error "
                      "against the known field, folding and timings."))
     p.add_argument("--features", default=None,
-                   help="comma-separated methods (default: dino3d,mind when the demo weights exist, else mind)")
+                   help="comma-separated methods (default: intensity, mind, dino3d and dino3d+mind, those that can "
+                        "run here)")
+    p.add_argument("--preset", default="default", metavar="NAME|PATH",
+                   help="preset of every method: default (each method's own), official, authors, tuned or a file")
     p.add_argument("--max-disp-mm", type=float, default=10.0, help="largest displacement of the known field (mm)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random field")
     p.add_argument("--data", default=None,
@@ -63,7 +73,7 @@ def run(args) -> int:
     results = register_methods(pair.fixed, pair.moving, methods, settings={m: sets for m in methods},
                                fixed_labels=pair.fixed_labels, moving_labels=pair.moving_labels,
                                fixed_modality="ct", moving_modality="ct", label_names=pair.label_names,
-                               device=args.device, out_dir=args.out)
+                               device=args.device, out_dir=args.out, presets=args.preset)
     summary = []
     for method, res in results.items():
         after = displacement_error_mm(res.displacement, pair.true_disp, sp, pair.body_mask)
@@ -73,10 +83,11 @@ def run(args) -> int:
               f"({100 * (1 - after / before):.0f}% lower)")
         print_result_summary(res)
         s = res.metrics["summary"]
-        summary.append((method, s["dice_initial"], s["dice"], after, res.metrics["field"]["folding_pct"],
-                        res.timings["total_s"]))
-    print(f"\n{'method':<12}{'Dice before':>12}{'Dice after':>12}{'field err mm':>14}{'folding %':>11}{'time s':>9}")
-    for m, d0, d1, err, fold, t in summary:
-        print(f"{m:<12}{d0:>12.3f}{d1:>12.3f}{err:>14.2f}{fold:>11.3f}{t:>9.1f}")
+        summary.append((method, str(res.config.get("preset") or ""), s["dice_initial"], s["dice"], after,
+                        res.metrics["field"]["folding_pct"], res.timings["total_s"]))
+    print(f"\n{'method':<13}{'preset':<10}{'Dice before':>12}{'Dice after':>12}{'field err mm':>14}{'folding %':>11}"
+          f"{'time s':>9}")
+    for m, pr, d0, d1, err, fold, t in summary:
+        print(f"{m:<13}{pr[:9]:<10}{d0:>12.3f}{d1:>12.3f}{err:>14.2f}{fold:>11.3f}{t:>9.1f}")
     print(f"(field error before registration: {before:.2f} mm; outputs in {args.out}/<method>/)")
     return 0

@@ -47,8 +47,7 @@ def run(args) -> int:
         return 0
     if res.get("skipped_scans"):
         n = len(res["skipped_scans"])
-        print(f"skipped {n} damaged scan{'s' if n > 1 else ''} (made in the main process; see the warnings): "
-              + ", ".join(res["skipped_scans"]))
+        print(f"skipped {n} damaged scan{'s' if n > 1 else ''}: " + ", ".join(res["skipped_scans"]))
     if "export" in res:
         print(f"exported teacher backbone: {res['export']}")
     else:

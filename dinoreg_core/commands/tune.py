@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
                    help=f"parameters searched, in order (default: %(default)s; known: {', '.join(SEARCH_SPACE)})")
     p.add_argument("--factors", help="factors tried for lambda_weight and feature_scale, comma-separated "
                                      "(default: 0.25,0.5,2,4)")
+    p.add_argument("--starts", default=",".join(d.starts),
+                   help="presets scored as starting points, those the method has (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=d.rounds, help="coordinate-descent passes (default: %(default)s)")
     p.add_argument("--max-sdlogj", type=float, default=d.max_sdlogj, help="guard on mean SDlogJ (default: %(default)s)")
     p.add_argument("--max-folding", type=float, default=d.max_folding_pct,
@@ -52,6 +54,18 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _factors(text: str | None):
+    if not text:
+        return None
+    try:
+        out = tuple(float(f) for f in text.split(",") if f.strip())
+    except ValueError:
+        raise DinoregError(f"--factors {text!r} is not a comma-separated list of numbers.") from None
+    if not out or not all(f > 0 and f == f and f != float("inf") for f in out):
+        raise DinoregError(f"--factors {text!r} must be positive finite numbers.")
+    return out
+
+
 def run(args) -> int:
     from ..evaluation.tune import TuneConfig, tune
     from ..settings import parse_assignments
@@ -61,11 +75,11 @@ def run(args) -> int:
     fixed = dict(parse_assignments(args.set))
     if args.weights:
         fixed["feat.weights"] = args.weights
-    cfg = TuneConfig(method=args.method, params=tuple(s for s in args.params.split(",") if s),
+    cfg = TuneConfig(method=args.method, starts=tuple(s for s in args.starts.split(",") if s), params=tuple(s for s in args.params.split(",") if s),
                      tasks=tuple(s for s in args.tasks.split(",") if s), rounds=args.rounds,
                      max_sdlogj=args.max_sdlogj, max_folding_pct=args.max_folding, pairs_per_task=args.pairs,
                      fixed_settings=fixed, device=args.device,
-                     factors=tuple(float(f) for f in args.factors.split(",")) if args.factors else None).validate()
+                     factors=_factors(args.factors)).validate()
     data = args.data
     if data == "synthetic":
         from ..data.cohorts import generate_role_cohort

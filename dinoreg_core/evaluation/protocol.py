@@ -113,7 +113,7 @@ def round_robin(entries: list[dict], tasks) -> list[dict]:
 def plan_rows(cfg: ProtocolConfig) -> tuple[list[tuple[str, str]], list[str]]:
     """([(method, preset)] that can run here, [notes on what is skipped and why])."""
     from ..pipeline import method_status
-    from ..presets import available_presets
+    from ..pipeline.presets import available_presets
 
     rows, notes = [], []
     status = method_status(cfg.methods, {m: cfg.method_settings.get(m, {}) for m in cfg.methods})
@@ -267,7 +267,7 @@ def run_protocol(out, cfg: ProtocolConfig, *, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
     from ..data.cohorts import load_pairs
-    from ..presets import load_preset
+    from ..pipeline.presets import load_preset
     from .feature_memo import memoized_extraction
     from .tune import MODALITY
 

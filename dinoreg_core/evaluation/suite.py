@@ -36,7 +36,7 @@ __all__ = ["TASKS", "ALL_METHODS", "dataset_scan", "prepare_dataset", "task_pair
            "feature_options", "dino3d_weights", "pretrain_step", "evaluation_tasks", "tasks_table", "evaluate_tasks",
            "load_evaluation", "viewer_state"]
 
-ALL_METHODS = ("intensity", "mind", "dino3d", "dinov2")
+ALL_METHODS = ("intensity", "mind", "dino3d", "dino3d+mind", "dinov2")
 log = logging.getLogger("dinoreg")
 
 
@@ -85,9 +85,10 @@ def demo_pair(fixed=None, moving=None, fixed_labels=None, moving_labels=None, *,
 
 def register_methods(pair: dict, methods, *, settings: dict | None = None, init: str = "none", device: str = "cpu",
                      fixed_modality: str | None = None, moving_modality: str | None = None, out_dir=None,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, presets="default") -> dict:
     """Register ``pair`` (a :func:`demo_pair` dict) with each method; {method: RegistrationResult}.
-    ``settings``: {method: {setting: value}} in ``--set`` names. The pair is aligned once
+    ``settings``: {method: {setting: value}} in ``--set`` names, on top of each method's preset (``presets``: one
+    name for all or {method: name}; ``default``: each method's default preset). The pair is aligned once
     (:func:`dinoreg_core.api.register_methods`)."""
     from ..api import register_methods as register_all
 
@@ -95,7 +96,8 @@ def register_methods(pair: dict, methods, *, settings: dict | None = None, init:
                         moving_labels=pair["moving_labels"], init=init,
                         fixed_modality=fixed_modality or pair.get("fixed_modality"),
                         moving_modality=moving_modality or pair.get("moving_modality"),
-                        label_names=pair["label_names"], device=device, out_dir=out_dir, progress=progress)
+                        label_names=pair["label_names"], device=device, out_dir=out_dir, progress=progress,
+                        presets=presets)
 
 
 def results_summary(results: dict, true_disp: np.ndarray | None = None, body_mask: np.ndarray | None = None) -> pd.DataFrame:
@@ -106,7 +108,7 @@ def results_summary(results: dict, true_disp: np.ndarray | None = None, body_mas
     rows = []
     for m, r in results.items():
         s, f = r.metrics.get("summary", {}), r.metrics["field"]
-        row = {"method": m, "dice_before": s.get("dice_initial", np.nan), "dice_after": s.get("dice", np.nan),
+        row = {"method": m, "preset": r.config.get("preset") or "", "dice_before": s.get("dice_initial", np.nan), "dice_after": s.get("dice", np.nan),
                "hd95_mm": s.get("hd95_mm", np.nan), "sdlogj": f["sdlogj"], "folding_pct": f["folding_pct"],
                "time_s": r.timings["total_s"], "peak_rss_mb": r.timings["peak_rss_mb"]}
         if true_disp is not None:

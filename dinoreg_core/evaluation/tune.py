@@ -18,7 +18,7 @@ extracted once per volume (:mod:`dinoreg_core.evaluation.feature_memo`, stored i
 
 Resumable: each scored candidate is one JSON line of the search log (``<out>.log.jsonl``: settings, per-pair Dice,
 SDlogJ, folding, admissible); a rerun with the same arguments replays the log and scores only what is missing.
-The result is a preset file (:func:`dinoreg_core.presets.write_preset_file`) naming the log, the pairs and the score.
+The result is a preset file (:func:`dinoreg_core.pipeline.presets.write_preset_file`) naming the log, the pairs and the score.
 """
 
 from __future__ import annotations
@@ -42,9 +42,12 @@ SEARCH_SPACE: dict[str, tuple[str, tuple]] = {
     "iterations": ("value", (80, 300, 1000)),
     "pca_dim": ("value", (6, 12, 24)),
     "feat.blocks": ("value", ("-1", "-2", "-2,-1")),
+    "feat.dino_weight": ("factor", (0.5, 2.0)),
 }
 JOINT_PCA_ONLY = ("pca_dim",)  # parameters that only mean something for methods with joint PCA
-METHOD_ONLY = {"feat.blocks": ("dino3d",)}  # parameters of one method's features
+METHOD_ONLY = {"feat.blocks": ("dino3d", "dino3d+mind"),
+               "feat.dino_weight": ("dino3d+mind", "dinov2+mind")}  # parameters of some methods' features
+UNSET_FEATURE_DEFAULTS = {"feat.blocks": "-1", "feat.dino_weight": 0.5}  # the extractors' defaults when unset
 TUNING_ROLE = "tuning"
 
 
@@ -160,7 +163,7 @@ def current_value(param: str, settings: dict, method: str):
         return settings[param]
     cfg = config_from(method, {}, preset="official")
     if param.startswith("feat."):
-        return cfg.feature_options.get(param[5:], "-1" if param == "feat.blocks" else None)
+        return cfg.feature_options.get(param[5:], UNSET_FEATURE_DEFAULTS.get(param))
     if hasattr(cfg, param):
         return getattr(cfg, param)
     return getattr(cfg.convex, param)
@@ -173,7 +176,7 @@ def tune(dataset_json, out, cfg: TuneConfig, *, progress: bool = True) -> dict:
 
     from ..features.registry import get_feature_method
     from ..pipeline.methods import get_registration_method
-    from ..presets import available_presets, load_preset, write_preset_file
+    from ..pipeline.presets import available_presets, load_preset, write_preset_file
     from .feature_memo import memoized_extraction
 
     cfg.validate()

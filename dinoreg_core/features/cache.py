@@ -34,6 +34,12 @@ FORMAT = "dinoreg-feature-cache/1"
 NEUTRAL_OPTIONS = frozenset({"progress", "cache_dir"})   # options that never change the features
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def image_digest(image: torch.Tensor) -> str:
     """SHA-256 (hex) of an image tensor's shape and float32 contents."""
     x = image.detach().to("cpu", torch.float32).contiguous()
@@ -113,6 +119,7 @@ class FeatureCache:
             with atomic_path(path) as tmp:
                 save_file({"features": feats.detach().to("cpu", torch.float32).contiguous()}, str(tmp),
                           metadata={"key": json.dumps(parts, sort_keys=True)})
+                os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600 files; entries are as shareable as others
         except OSError as e:
             raise DinoregError(f"The feature cache folder {self.root} is not writable ({e.strerror or e}).") from None
         return feats

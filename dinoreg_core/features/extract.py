@@ -24,7 +24,7 @@ Predict, then pick (``mode="auto"``, the default). Attention costs O(tokens^2) a
 whole 192x160x256 volume (122,880 tokens) costs far more than windows of the pretraining crop (512-32,768 tokens)
 that cover it with overlap. :func:`estimate_cost` predicts the arithmetic of either (linear layers, attention,
 per-token element-wise work, in multiply-add equivalents weighted by constants measured on CPU, see
-results/bench/features_dino3d_split.csv), and the full pass is kept unless the windows are predicted at least
+``ATTENTION_COST``), and the full pass is kept unless the windows are predicted at least
 ``SLIDING_MIN_GAIN`` times cheaper (a full pass sees the whole volume, so it wins ties). ``mode="memory"`` is the
 previous rule (full pass whenever it fits the budget); "full" and "sliding" force one.
 
@@ -51,11 +51,13 @@ from ..models.vit3d import ViT3D, ViT3DConfig
 
 
 # Cost model constants (multiply-add equivalents), measured on a 2-core x86 CPU with torch 2.13 (float32):
-# scaled_dot_product_attention ran at 5.5-6.8 G multiply-adds/s, nn.Linear at 3.5-5.3, so an attention
-# multiply-add costs about as much as a linear one; LayerNorms, RoPE, SiLU and residual adds cost about
-# ELEMENTWISE_COST multiply-adds per channel per token and block (from the time split of the tiny model).
+# scaled_dot_product_attention ran at 5.5-6.8 G multiply-adds/s beside nn.Linear's 3.5-5.3 (1 thread, loaded
+# machine), so an attention multiply-add costs about one linear one; the time split of the demo model in
+# 8^3-token windows (results/bench/features_cost_p17.csv: attention 53 %, MLP 31 %, rest of the model 11 %)
+# matches the predicted attention/MLP ratio (1.8 vs 1.7 measured) and puts the rest (LayerNorms, residual
+# adds, LayerScale, position embedding) at about 75 multiply-adds per channel (C + H) per token and block.
 ATTENTION_COST = 1.0
-ELEMENTWISE_COST = 12.0
+ELEMENTWISE_COST = 75.0
 SLIDING_MIN_GAIN = 2.0   # windows replace the full pass only when predicted at least this many times cheaper
 MAX_WINDOW_BATCH = 64    # windows per forward pass at most (bigger batches gained nothing measurable on CPU)
 MODES = ("auto", "memory", "full", "sliding")

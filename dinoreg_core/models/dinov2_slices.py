@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,9 +360,15 @@ def _from_pretrained(name: str, cfg: Dinov2SliceConfig, *, local: bool):
     if config.model_type not in ("dinov2", "dinov2_with_registers"):
         raise DinoregError(f"The model '{name}' is a {config.model_type!r} model, not DINOv2.")
     try:
-        return AutoModel.from_pretrained(name, config=config, **kwargs)
+        with warnings.catch_warnings():  # torch's note on pickle protocols of a file it then refuses
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return AutoModel.from_pretrained(name, config=config, **kwargs)
     except (OSError, ValueError) as e:
         raise DinoregError(f"Cannot load the DINOv2 weights of '{name}' ({e}).") from e
+    except Exception as e:  # noqa: BLE001 - e.g. a pickle .bin that weights_only loading refuses (no code runs)
+        first = " ".join(str(e).split()).split(". ")[0][:120]
+        raise DinoregError(f"The DINOv2 weights in '{name}' are damaged or not a plain tensor file "
+                           f"({type(e).__name__}: {first}).") from None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,20 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from .. import settings
+from ..errors import DinoregError
 from ..registration.convex_adam import ConvexAdamConfig
-
-FEATURE_PREFIX = "feat."  # short form of "feature_options." on the command line
-
-
-def canonical_key(key: str, top_fields) -> str:
-    """``feat.X`` -> ``feature_options.X``; a bare ConvexAdam field name -> ``convex.NAME``; others unchanged."""
-    key = key.strip()
-    if key.startswith(FEATURE_PREFIX):
-        return "feature_options." + key[len(FEATURE_PREFIX):]
-    head = key.partition(".")[0]
-    if head not in top_fields and head in {f.name for f in fields(ConvexAdamConfig)}:
-        return "convex." + key
-    return key
+from .keys import FEATURE_PREFIX, canonical_key, check_feature_scale  # noqa: F401 - re-exported
 
 
 @dataclass
@@ -73,16 +62,13 @@ class RegisterConfig:
         check_feature_scale(self.feature_scale)
         if int(self.pca_dim) < 1:
             raise DinoregError(f"The setting pca_dim={self.pca_dim} must be a positive integer.")
+        from .methods import get_registration_method
+
+        if get_registration_method(self.features).kind == "features":  # feature options checked before any work
+            from .feature_path import FeaturePathOptions
+
+            FeaturePathOptions.parse(self.features, self.method_options())
         return self
-
-
-def check_feature_scale(value: float) -> None:
-    """One sentence unless ``feature_scale`` is a positive number."""
-    from ..errors import DinoregError
-
-    if not float(value) > 0:
-        raise DinoregError(f"The setting feature_scale={value} must be a positive number (it multiplies the "
-                           f"features handed to ConvexAdam).")
 
 
 _TOP = {f.name for f in fields(RegisterConfig)}
@@ -90,24 +76,32 @@ _TOP = {f.name for f in fields(RegisterConfig)}
 
 def config_from(features: str, overrides=None, *, preset: str | None = "official", **fixed) -> RegisterConfig:
     """A :class:`RegisterConfig` for method ``features`` with ``fixed`` fields set, then the settings of ``preset``
-    (:mod:`dinoreg_core.presets`: ``official`` = the code defaults, ``default`` = the method's default preset,
+    (:mod:`dinoreg_core.pipeline.presets`: ``official`` = the code defaults, ``default`` = the method's default preset,
     ``authors``, ``tuned`` or a file) and then ``overrides`` on top (a mapping or (key, value) pairs of ``--set``
     names), validated."""
     cfg = RegisterConfig(features=features, **fixed)
     cfg.preset = "official" if preset == "official" else None
     if preset not in (None, "official"):
-        from ..presets import preset_for
+        from .methods import get_registration_method
+        from .presets import DEFAULT, describe, load_preset
 
-        feat = {}
-        items = (overrides or {}).items() if hasattr(overrides, "items") else (overrides or [])
-        for k, v in items:  # the weights the user asks for decide which weights' JSON may carry the preset
-            if str(k) in ("feat.weights", "feature_options.weights"):
-                feat["weights"] = v
-            elif str(k) in ("feat", "feature_options") and isinstance(v, dict) and "weights" in v:
-                feat["weights"] = v["weights"]
-        chosen = preset_for(features, preset, feat)
-        if chosen is not None:
-            cfg.update(chosen.settings)
+        if get_registration_method(features).kind != "features":
+            if preset not in ("", DEFAULT):
+                raise DinoregError(f"The method '{features}' takes no presets (it is a peer with its own options).")
+        else:
+            feat = {}
+            items = (overrides or {}).items() if hasattr(overrides, "items") else (overrides or [])
+            for k, v in items:  # the weights the user asks for decide which weights' JSON may carry the preset
+                if str(k) in ("feat.weights", "feature_options.weights"):
+                    feat["weights"] = v
+                elif str(k) in ("feat", "feature_options") and isinstance(v, dict) and "weights" in v:
+                    feat["weights"] = v["weights"]
+            chosen = load_preset(features, preset, feat)
+            try:
+                cfg.update(chosen.settings)
+                cfg.validate()
+            except DinoregError as e:
+                raise DinoregError(f"The preset {describe(chosen)} is invalid: {e}") from None
             cfg.preset = chosen.name
     cfg.update(overrides or {})
     cfg.validate()

@@ -27,7 +27,7 @@ from ..features.pca import joint_project, upsample
 from ..features.registry import checked_options, get_feature_method
 from ..preprocess import normalize_intensity
 from ..registration.convex_adam import ConvexAdamConfig, ConvexAdamTimings, convex_adam
-from .config import canonical_key, check_feature_scale
+from .keys import canonical_key, check_feature_scale
 from .displacement import RegistrationMethod, RegistrationOutput
 
 
@@ -59,6 +59,10 @@ class FeaturePathOptions:
         opts.convex.validate()
         check_feature_scale(opts.feature_scale)
         opts.feature_options = checked_options(features, opts.feature_options)
+        if getattr(get_feature_method(features), "extract_pair", None) is not None:  # a hybrid: check its weights now
+            from ..features.hybrid import hybrid_weights
+
+            hybrid_weights(opts.feature_options)
         return opts
 
 
@@ -67,7 +71,8 @@ def compute_features(method_name: str, fixed_img: np.ndarray, moving_img: np.nda
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of two normalised (D,H,W) images on one grid, ready for ConvexAdam: (1,C,D,H,W) float32 each.
 
-    Applies the method's extractor, joint PCA to ``pca_dim`` channels when the method asks for it, and trilinear
+    Applies the method's extractor (a pair method's ``extract_pair`` on both images at once, e.g. the
+    ``dino3d+mind`` hybrid), joint PCA to ``pca_dim`` channels when the method asks for it, and trilinear
     upsampling (:func:`dinoreg_core.features.pca.upsample`) to the image grid.
     """
     method = get_feature_method(method_name)
@@ -75,10 +80,14 @@ def compute_features(method_name: str, fixed_img: np.ndarray, moving_img: np.nda
     ft = torch.from_numpy(np.ascontiguousarray(fixed_img))[None, None].to(device)
     mt = torch.from_numpy(np.ascontiguousarray(moving_img))[None, None].to(device)
     with torch.no_grad():
-        ff = method.extract(ft, modality=fixed_modality, device=device, options=opts)
-        mf = method.extract(mt, modality=moving_modality, device=device, options=opts)
-        if method.joint_pca:
-            ff, mf = joint_project(ff, mf, k=pca_dim, seed=seed)
+        if getattr(method, "extract_pair", None) is not None:  # a pair method (hybrids): both images at once
+            ff, mf = method.extract_pair(ft, mt, fixed_modality=fixed_modality, moving_modality=moving_modality,
+                                         device=device, options=opts, pca_dim=pca_dim, seed=seed)
+        else:
+            ff = method.extract(ft, modality=fixed_modality, device=device, options=opts)
+            mf = method.extract(mt, modality=moving_modality, device=device, options=opts)
+            if method.joint_pca:
+                ff, mf = joint_project(ff, mf, k=pca_dim, seed=seed)
         ff, mf = upsample(ff, fixed_img.shape), upsample(mf, fixed_img.shape)
     return ff.float(), mf.float()
 

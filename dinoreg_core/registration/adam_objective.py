@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 DEFAULT_CHUNK_POINTS = 16384  # points per chunk on CPU: the chunk's gathered corners (16384 x 96 floats) stay in cache
-DEFAULT_CHUNK_POINTS_CUDA = 1 << 20  # on a GPU one chunk covers typical Adam grids in one pass
+DEFAULT_CHUNK_POINTS_CUDA = 1 << 18  # on a GPU: 4 chunks for a 192x160x256 pair (96 x 80 x 128 Adam grid), ~100 MB buffers
 _PAD_LO = 2  # zero cells before index 0: a coordinate clamped to -2 has both corners in the zero border
 _PAD_HI = 3  # after index n-1: clamped to n, the corners n and n+1 are zero; +1 for the table's upper corners
 
@@ -34,7 +34,7 @@ class TrilinearSSD:
         fix: (1,C,d0,d1,d2) fixed features, one per sampling point (P = d0*d1*d2 points).
         storage_dtype: dtype of the stored moving corners and fixed features (e.g. torch.bfloat16 on CUDA to
             halve their memory); arithmetic is float32.
-        chunk: points per chunk (default: 16384 on CPU, 2^20 on CUDA).
+        chunk: points per chunk (default: 16384 on CPU, 2^18 on CUDA).
 
     Memory: a corner table of (n0+5)(n1+5)(n2+5) x 4C values (4 corners in the last two axes per cell) plus the
     fixed features channels last (P x C) and the chunk buffers.

@@ -60,7 +60,7 @@ class ConvexAdamConfig:
     early_stop_patience: int = 0  # stop Adam after this many iterations without improvement (0 = off, = official)
     early_stop_tol: float = 1e-4  # an improvement counts when the objective falls by more than this fraction of it
     feature_dtype: str = "float32"  # storage of the Adam stage's features: float32 | float16 | bfloat16 (CUDA only)
-    cost_volume_max_mb: float = 512.0  # above this the discrete stage takes its per-cell argmins slab by slab
+    cost_volume_max_mb: float = 512.0  # a cost volume above this: its temporaries are built in chunks (<= 1/4 of it)
 
     def validate(self) -> "ConvexAdamConfig":
         """Raise DinoregError (one sentence) unless every field is finite and within its range.
@@ -159,12 +159,22 @@ def displacement_candidates(disp_hw: int, device=None, dtype=torch.float32) -> t
     return torch.stack(torch.meshgrid(r, r, r, indexing="ij"), 0).reshape(3, -1)
 
 
-def cost_volume(fix: torch.Tensor, mov: torch.Tensor, disp_hw: int) -> torch.Tensor:
+def _chunk(total: int, per_item_bytes: int, max_bytes: float | None) -> int:
+    """Items per chunk so that one chunk's temporaries stay within ``max_bytes`` (all at once when None)."""
+    if max_bytes is None:
+        return total
+    return int(max(1, min(total, max_bytes // max(1, per_item_bytes))))
+
+
+def cost_volume(fix: torch.Tensor, mov: torch.Tensor, disp_hw: int, max_bytes: float | None = None) -> torch.Tensor:
     """SSD cost of every integer displacement on a coarse grid.
 
     Args:
         fix, mov: (1,C,n0,n1,n2) coarse features.
         disp_hw: search half width (cells).
+        max_bytes: bound on the temporaries beside the result (None: one candidate slab of (2h+1)^2 shifts and
+            the whole volume filtered at once). The result is written in place, candidates slab by slab, and
+            box filtered in chunks of candidates, so the shifted features of all displacements never exist.
 
     Returns:
         (K,n0,n1,n2) cost, K in the order of :func:`displacement_candidates`, box filtered twice (3^3).
@@ -174,18 +184,20 @@ def cost_volume(fix: torch.Tensor, mov: torch.Tensor, disp_hw: int) -> torch.Ten
     movp = F.pad(mov, (disp_hw,) * 6)
     ff = (fix * fix).sum(1)  # (1,n0,n1,n2)
     mm = (movp * movp).sum(1)  # (1,P0,P1,P2)
-    costs = []
+    cost = torch.empty((1, w ** 3, n0, n1, n2), device=fix.device, dtype=fix.dtype)
     for a in range(w):
         for b in range(w):
             slab = movp[:, :, a:a + n0, b:b + n1, :]  # (1,C,n0,n1,n2+2h)
             mslab = mm[:, a:a + n0, b:b + n1, :]
             # cross term for all shifts along axis 2 at once via unfold
             sl = slab.unfold(4, n2, 1)  # (1,C,n0,n1,w,n2)
-            cross = torch.einsum("bcijn,bcijkn->bkijn", fix, sl)  # (1,w,n0,n1,n2)
-            msq = mslab.unfold(3, n2, 1).permute(0, 3, 1, 2, 4)  # (1,w,n0,n1,n2)
-            costs.append(ff[:, None] - 2 * cross + msq)
-    cost = torch.cat(costs, dim=1)  # (1,K,n0,n1,n2)
-    cost = _box3(_box3(cost))
+            out = cost[:, (a * w + b) * w:(a * w + b + 1) * w]  # (1,w,n0,n1,n2)
+            out.copy_(torch.einsum("bcijn,bcijkn->bkijn", fix, sl))
+            out.mul_(-2).add_(ff[:, None]).add_(mslab.unfold(3, n2, 1).permute(0, 3, 1, 2, 4))
+    cells = n0 * n1 * n2
+    k = _chunk(w ** 3, 4 * cells * fix.element_size(), max_bytes)  # box_filter: ~4 temporaries per candidate
+    for k0 in range(0, w ** 3, k):
+        cost[:, k0:k0 + k] = _box3(_box3(cost[:, k0:k0 + k]))
     return cost[0]
 
 
@@ -195,12 +207,15 @@ def _soft_argmin_field(cost: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
     return cand[:, idx][None]
 
 
-def coupled_convex(cost: torch.Tensor, disp_hw: int, weights=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0)) -> torch.Tensor:
+def coupled_convex(cost: torch.Tensor, disp_hw: int, weights=(0.003, 0.01, 0.03, 0.1, 0.3, 1.0),
+                   max_bytes: float | None = None) -> torch.Tensor:
     """Coupled convex optimisation of a discrete cost volume.
 
     Args:
         cost: (K,n0,n1,n2) from :func:`cost_volume`.
         weights: increasing coupling weights.
+        max_bytes: bound on the temporaries (None: all cells at once); the coupled cost is then formed and
+            minimised slab by slab along axis 0.
 
     Returns:
         (1,3,n0,n1,n2) smooth displacement in coarse cells.
@@ -208,11 +223,17 @@ def coupled_convex(cost: torch.Tensor, disp_hw: int, weights=(0.003, 0.01, 0.03,
     cand = displacement_candidates(disp_hw, cost.device, cost.dtype)  # (3,K)
     smooth = _box3(_soft_argmin_field(cost, cand))
     cand_sq = (cand * cand).sum(0).view(-1, 1, 1, 1)  # (K,1,1,1)
+    k, n0 = cost.shape[0], cost.shape[1]
+    rows = _chunk(n0, 3 * k * cost[0, 0].numel() * cost.element_size(), max_bytes)
+    idx = torch.empty(cost.shape[1:], device=cost.device, dtype=torch.long)
     for w in weights:
         s = smooth[0]
-        # |d - s|^2 = |d|^2 - 2 d.s + |s|^2 ; the last term does not change the argmin
-        coupled = cost + w * (cand_sq - 2 * torch.einsum("ck,cijl->kijl", cand, s))
-        smooth = _box3(_soft_argmin_field(coupled, cand))
+        for i0 in range(0, n0, rows):
+            sl = slice(i0, i0 + rows)
+            # |d - s|^2 = |d|^2 - 2 d.s + |s|^2 ; the last term does not change the argmin
+            coupled = cost[:, sl] + w * (cand_sq - 2 * torch.einsum("ck,cijl->kijl", cand, s[:, sl]))
+            idx[sl] = coupled.argmin(0)
+        smooth = _box3(cand[:, idx][None])
     return smooth
 
 
@@ -315,11 +336,16 @@ def convex_adam(fix: torch.Tensor, mov: torch.Tensor, cfg: ConvexAdamConfig | No
     with torch.no_grad():
         cf = pool_padded(fix.float(), cfg.grid_sp, psize)
         cm = pool_padded(mov.float(), cfg.grid_sp, psize)
-        cost = cost_volume(cf, cm, cfg.disp_hw)
-        disp = coupled_convex(cost, cfg.disp_hw, cfg.coupling_weights)
+        k = (2 * cfg.disp_hw + 1) ** 3
+        tight = k * cf[0, 0].numel() * 4 > cfg.cost_volume_max_mb * 2 ** 20  # one cost volume above the limit
+        lim = cfg.cost_volume_max_mb * 2 ** 20 / 4 if tight else None  # temporaries: a quarter of the limit
+        cost = cost_volume(cf, cm, cfg.disp_hw, lim)
+        disp = coupled_convex(cost, cfg.disp_hw, cfg.coupling_weights, lim)
         if cfg.ic:
-            cost_b = cost_volume(cm, cf, cfg.disp_hw)
-            disp_b = coupled_convex(cost_b, cfg.disp_hw, cfg.coupling_weights)
+            del cost
+            cost_b = cost_volume(cm, cf, cfg.disp_hw, lim)
+            disp_b = coupled_convex(cost_b, cfg.disp_hw, cfg.coupling_weights, lim)
+            del cost_b
             disp, _ = inverse_consistency(disp, disp_b, cfg.ic_iterations)
         dense = _upsample_cells(disp, cfg.grid_sp, psize)
     t_discrete = time.perf_counter() - t

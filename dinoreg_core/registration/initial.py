@@ -78,7 +78,7 @@ class InitConfig:
     points: int = 20000                  # fixed voxels drawn per iteration there
     duplicate_mm: float = 6.0            # starts whose refined maps move the fixed body by less are duplicates
     lr: float = 0.01                     # Adam learning rate (normalised units)
-    linear_penalty: float = 1.0          # weight of |A0^-1 A - I|^2 (A0: the start's linear part)
+    linear_penalty: float = 10.0         # weight of |A^T A / s0^2 - I|^2: scaling/shear off the start's scale s0
     mind_r: int = 1
     mind_d: int = 1
 

@@ -14,8 +14,9 @@ Three pure steps, each on coarse isotropic grids:
    bodies share at least ``min_overlap`` of the smaller body. Nothing assumes the two scans cover the same
    region.
 3. :func:`refine_affine` — Adam on the same overlap-normalised MIND SSD over the 12 affine parameters
-   (weights re-estimated at every step and not differentiated), with a weak pull of the linear part
-   towards its start.
+   (weights re-estimated at every step and not differentiated), with a penalty on the linear part's scaling
+   and shear away from the start's scale, ``|A^T A / s0^2 - I|^2`` (rotations are free: a thin slab leaves
+   scale and shear poorly determined, rotations much less so).
 
 :func:`overlap_score` is the concordance correlation (Lin) of the fixed and moving descriptors on the overlap:
 1 for identical descriptors, about 0 for unrelated ones; it decides between candidates and whether a plausible
@@ -230,6 +231,9 @@ def refine_affine(fixed: CoarseScan, moving: CoarseScan, t_world: np.ndarray, it
                   linear_penalty: float, n_points: int | None = None, seed: int = 0) -> np.ndarray:
     """Adam on the overlap-normalised MIND SSD over the 12 affine parameters (fixed world -> moving world).
 
+    ``fixed`` and ``moving`` must share one isotropic spacing (then the voxel map's linear part is the world
+    one). ``linear_penalty`` weighs ``|A^T A / s0^2 - I|^2`` (s0: the start's scale).
+
     ``n_points``: fixed voxels drawn at random (``seed``) per iteration (all when None or larger than the grid).
     """
     vox = np.linalg.inv(moving.vol.affine) @ t_world @ fixed.vol.affine
@@ -241,6 +245,8 @@ def refine_affine(fixed: CoarseScan, moving: CoarseScan, t_world: np.ndarray, it
     dt = torch.zeros(3, requires_grad=True)
     opt = torch.optim.Adam([lin, dt], lr=lr)
     scale_t = float(np.mean(fixed.vol.shape))
+    eye = torch.eye(3)
+    gram0 = float((a0.T @ a0).diagonal().mean())   # squared scale of the start (both grids share one spacing)
     gen = torch.Generator().manual_seed(int(seed))
     n_all = x.shape[1]
     for _ in range(iterations):
@@ -255,7 +261,8 @@ def refine_affine(fixed: CoarseScan, moving: CoarseScan, t_world: np.ndarray, it
         mv = _sample_moving(moving, a, b, xs)
         w = _weights(fbs, mv).detach()
         ssd = (((mv[:-2] - ffs) ** 2).sum(0) * w).sum() / w.sum().clamp_min(1.0)
-        loss = ssd + linear_penalty * (lin ** 2).sum()
+        # rotations are free; scaling and shear away from the start's (isotropic) scale are penalised
+        loss = ssd + linear_penalty * ((a.T @ a / gram0 - eye) ** 2).sum()
         loss.backward()
         opt.step()
     with torch.no_grad():

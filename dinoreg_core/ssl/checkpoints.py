@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ KEYS = {"step": int, "samples": int, "config": dict, "student": dict, "teacher":
 # PretrainConfig fields a resume may not change: they fix parameter shapes or what a step means
 FIXED_FIELDS = ("model", "model_overrides", "head_out_dim", "head_hidden_dim", "head_bottleneck_dim", "head_layers",
                 "ibot_separate_head", "contrast_weight", "contrast_dim")
-TEMP_STEMS = ("checkpoint", "config", "teacher_backbone")  # atomic-write temp files of these are swept on start
+TEMP_STEMS = ("checkpoint", "config", "teacher_backbone", "log", "val_log")  # atomic-write temp files of these are swept on start
 
 
 def save(state: dict, run_dir: str | os.PathLike) -> Path:
@@ -61,9 +62,11 @@ def sweep(run_dir: str | os.PathLike) -> list[str]:
 def _read(path: Path) -> dict:
     """The checkpoint at ``path`` with its keys checked; DinoregError "damaged or truncated" otherwise."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses anyway
+            warnings.simplefilter("ignore")
+            ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - zip, pickle, EOF, unsupported global: all mean the file is unusable
-        reason = " ".join(str(e).split())[:160]
+        reason = " ".join(str(e).split()).split(". ")[0][:120].rstrip(".")
         raise DinoregError(f"The checkpoint {path} is damaged or truncated ({type(e).__name__}: {reason}).") from None
     if not isinstance(ck, dict):
         raise DinoregError(f"The checkpoint {path} is damaged: it holds a {type(ck).__name__}, not a dict.")

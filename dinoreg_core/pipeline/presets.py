@@ -19,6 +19,26 @@ Shipped presets (one file per method, ``dinoreg_core/presets/<method>.json``)::
   mapped onto our ConvexAdam; each entry's ``differs`` says what cannot be mapped exactly;
 * ``tuned`` — found by ``dinoreg tune`` (:mod:`dinoreg_core.evaluation.tune`) on the *tuning* cohort only.
 
+How ``authors`` maps the published settings (EytanKats/med_ssl_3d ``configs/evaluate_*.yaml``,
+``scripts/evaluate.py``) onto our ConvexAdam, and where it differs:
+
+======== =================================================== ====== ======= ============== ======================
+method   features into ConvexAdam                            lambda disp_hw grid_sp / adam Adam
+======== =================================================== ====== ======= ============== ======================
+dino3d   joint PCA 12 ch, trilinear up, ``feature_scale`` 0.1 0.12   1       6 / 4          1000 it, lr 0.2
+dinov2   slices every 6th, 64 tokens (896 px), PCA 12, x 0.4  1      4       6 / 4          1000 it, lr 0.2
+mind     MIND-SSC r=3 d=2 (``feat.mind_r/mind_d``), x 3.0     1      1       6 / 4          1000 it, lr 0.2
+======== =================================================== ====== ======= ============== ======================
+
+* The authors' Adam stage smooths its parameters with three 3^3 average pools; ours does the same (three 3^3 box
+  filters), and our SSD is the channel mean x ``cost_scale`` 12 like the official package, so lambda and lr carry
+  over as numbers.
+* Our joint PCA whitens the projected channels to unit std; the authors scale the raw ``torch.pca_lowrank``
+  projections. The same ``feature_scale`` (0.1, 0.4) is therefore a different absolute feature magnitude, which is
+  why ``tuned`` searches ``feature_scale`` as well.
+* One preset per method: dino3d's lambda is the NAKO MR-MR value 0.12 (the authors use 0.06 on AbdomenCTCT).
+* Inverse consistency stays on (the official default); the configs do not switch it.
+
 A ``dino3d`` preset also travels inside its weights' JSON (``X.json`` beside ``X.safetensors``, key
 ``registration_presets``: ``{"default": NAME, NAME: {"settings": ..., "source": ...}}``), so weights and their settings
 go together: when the weights in use (``feat.weights``, else the demo weights) carry the named preset it is used,
@@ -38,7 +58,7 @@ from pathlib import Path
 
 from ..errors import DinoregError
 
-PRESET_DIR = Path(__file__).resolve().parent
+PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # dinoreg_core/presets/<method>.json
 PRESET_NAMES = ("official", "authors", "tuned")
 DEFAULT = "default"  # the method's default preset (the "default" entry of its file; "official" without one)
 WEIGHTS_KEY = "registration_presets"  # key of the presets inside a dino3d weights JSON
@@ -131,21 +151,19 @@ def check_values(settings: dict, where: str) -> None:
 
 
 def validate(preset: Preset) -> Preset:
-    """Check that ``preset`` applies cleanly to its method (unknown keys, wrong types, non-finite values,
-    ``feature_scale <= 0``, ... are one-sentence errors naming where the preset came from)."""
-    from ..pipeline.config import config_from
-
-    where = f"'{preset.name}' of {preset.method} ({preset.origin})" if preset.origin else \
-        f"'{preset.name}' of {preset.method}"
-    check_values(preset.settings, where)
+    """Check what a preset can be checked for on its own: finite values, no ``features`` / ``init`` (a preset holds
+    registration settings only). Keys and types are checked when it is applied
+    (:func:`dinoreg_core.pipeline.config.config_from`), in one sentence naming where it came from."""
+    check_values(preset.settings, describe(preset))
     if "features" in preset.settings or "init" in preset.settings:
-        raise DinoregError(f"The preset {where} may not set 'features' or 'init' (a preset holds registration "
-                           f"settings only).")
-    try:
-        config_from(preset.method, preset.settings, preset="official")
-    except DinoregError as e:
-        raise DinoregError(f"The preset {where} is invalid: {e}") from None
+        raise DinoregError(f"The preset {describe(preset)} may not set 'features' or 'init' (a preset holds "
+                           f"registration settings only).")
     return preset
+
+
+def describe(preset: Preset) -> str:
+    """``'tuned' of mind (dinoreg_core/presets/mind.json)``: the preset and where it came from, for messages."""
+    return f"'{preset.name}' of {preset.method}" + (f" ({preset.origin})" if preset.origin else "")
 
 
 def from_file(method: str, path) -> Preset:
@@ -191,22 +209,9 @@ def load_preset(method: str, preset: str | None = DEFAULT, feature_options: dict
     raise DinoregError(f"The method '{method}' has no '{name}' preset; it has: {have}.")
 
 
-def preset_for(method: str, preset: str | None = DEFAULT, feature_options: dict | None = None) -> Preset | None:
-    """:func:`load_preset` for a feature method; None for a peer asked for its default (peers take their own
-    options, no presets)."""
-    from ..pipeline.methods import get_registration_method
-
-    if get_registration_method(method).kind != "features":
-        if preset in (None, "", DEFAULT, "official"):
-            return None
-        raise DinoregError(f"The method '{method}' takes no presets (it is a peer with its own options).")
-    return load_preset(method, preset, feature_options)
-
-
 def preset_settings(method: str, preset: str | None = DEFAULT, feature_options: dict | None = None) -> dict:
-    """Just the ``--set`` settings of :func:`preset_for` (``{}`` for a peer)."""
-    p = preset_for(method, preset, feature_options)
-    return dict(p.settings) if p is not None else {}
+    """Just the ``--set`` settings of :func:`load_preset`."""
+    return dict(load_preset(method, preset, feature_options).settings)
 
 
 def available_presets(method: str, feature_options: dict | None = None) -> list[str]:
@@ -224,3 +229,34 @@ def write_preset_file(path, method: str, settings: dict, *, source: str = "", ex
     d = {"method": method, "settings": dict(settings), "source": source, **(extra or {})}
     write_json_atomic(Path(path), d)
     return Path(path)
+
+
+def install_preset(preset_path, *, name: str = "tuned", make_default: bool = False, weights_json=None) -> Path:
+    """Copy a preset file (what ``dinoreg tune`` wrote) into its method's package file as ``name`` (and, with
+    ``weights_json``, into that weights JSON's ``registration_presets``); returns the package file's path."""
+    from ..atomic import write_json_atomic
+
+    d = _read_json(Path(preset_path), "preset file")
+    method = d.get("method")
+    if not method:
+        raise DinoregError(f"The preset file {preset_path} names no method.")
+    p = from_file(method, preset_path)
+    entry = {"settings": p.settings, "source": p.source}
+    for k in ("objective", "tuning"):
+        if k in d:
+            entry[k] = d[k]
+    pk = package_presets(method)
+    pk.setdefault("presets", {})[name] = entry
+    if make_default:
+        pk["default"] = name
+    write_json_atomic(preset_file(method), pk)
+    if weights_json is not None:
+        wj = Path(weights_json)
+        meta = _read_json(wj, "weights config")
+        wp = meta.get(WEIGHTS_KEY) or {}
+        wp[name] = {"settings": p.settings, "source": p.source}
+        if make_default:
+            wp["default"] = name
+        meta[WEIGHTS_KEY] = wp
+        write_json_atomic(wj, meta)
+    return preset_file(method)

@@ -1,0 +1,89 @@
+"""dinoreg tune and the evaluation protocol: tuning never touches evaluation pairs (roles, seeds, refusals), the
+search is resumable and writes a preset that loads, the protocol writes its tables and resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from dinoreg_core.cli import main
+from dinoreg_core.data.cohorts import ROLE_SEEDS, generate_role_cohort, role_subject_seeds
+from dinoreg_core.errors import DinoregError
+from dinoreg_core.evaluation.protocol import ProtocolConfig, run_protocol
+from dinoreg_core.evaluation.tune import TuneConfig, tune, tuning_pairs
+from dinoreg_core.pipeline.presets import load_preset
+
+TINY = dict(spacing_mm=8.0, shape=(30, 26, 28), workers=1, progress=False)
+FAST = {"grid_sp": 4, "disp_hw": 2, "iterations": 5}
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cohorts")
+    return {"tuning": generate_role_cohort(root / "tuning", "tuning", 2, **TINY),
+            "evaluation": generate_role_cohort(root / "evaluation", "evaluation", 2, **TINY)}
+
+
+def test_tuning_never_touches_evaluation_pairs(cohorts, tmp_path):
+    assert ROLE_SEEDS["tuning"] != ROLE_SEEDS["evaluation"]
+    assert not set(role_subject_seeds("tuning", 500)) & set(role_subject_seeds("evaluation", 500))
+    assert not set(role_subject_seeds("tuning", 500)) & set(role_subject_seeds("pretrain", 2000))
+    tun = tuning_pairs(cohorts["tuning"], ("ctct", "mrmr", "mrct"), 2)
+    ev = json.loads(cohorts["evaluation"].read_text())
+    ev_files = {e[k] for kind in ("ctct", "mrmr", "mrct") for e in ev[f"registration_{kind}"] for k in ("fixed", "moving")}
+    assert all("SynthTuning" in p["fixed"] and "SynthTuning" in p["moving"] for p in tun)
+    assert not {p[k].split("/")[-1] for p in tun for k in ("fixed", "moving")} & {f.split("/")[-1] for f in ev_files}
+    with pytest.raises(DinoregError, match="role 'evaluation'"):
+        tuning_pairs(cohorts["evaluation"], ("ctct",), 1)
+    with pytest.raises(DinoregError, match="role 'evaluation'"):
+        tune(cohorts["evaluation"], tmp_path / "p.json", TuneConfig(method="intensity"), progress=False)
+    with pytest.raises(DinoregError, match="role 'tuning'"):
+        run_protocol(tmp_path / "proto", ProtocolConfig(methods=("mind",), presets=("official",),
+                                                        cohort=str(cohorts["tuning"])), progress=False)
+
+
+def test_tune_resumes_and_writes_a_preset_that_loads(cohorts, tmp_path):
+    out = tmp_path / "intensity_tuned.json"
+    cfg = TuneConfig(method="intensity", params=("lambda_weight",), factors=(0.25,), tasks=("ctct",),
+                     fixed_settings=dict(FAST), max_sdlogj=10.0, max_folding_pct=100.0)
+    first = tune(cohorts["tuning"], out, cfg, progress=False)
+    log = (tmp_path / "intensity_tuned.log.jsonl").read_text().splitlines()
+    assert len(log) == 2                                          # the official start and lambda x 0.25
+    recs = [json.loads(line) for line in log]
+    best = max(recs, key=lambda r: r["dice"])
+    assert first["objective"]["dice"] == pytest.approx(max(recs[0]["dice"], best["dice"]))
+    again = tune(cohorts["tuning"], out, cfg, progress=False)      # replayed from the log, nothing scored again
+    assert (tmp_path / "intensity_tuned.log.jsonl").read_text().splitlines() == log
+    assert again["settings"] == first["settings"]
+    assert "iterations" not in first["settings"]                  # the held settings are not part of the preset
+    assert load_preset("intensity", str(out)).settings == first["settings"]
+
+
+def test_tune_cli_refuses_bad_input(cohorts, tmp_path, capsys):
+    base = ["tune", "--data", str(cohorts["tuning"]), "--out", str(tmp_path / "x.json")]
+    for extra, word in ((["--method", "intensity", "--params", "nosuch"], "nosuch"),
+                        (["--method", "intensity", "--factors", "0,2"], "factors"),
+                        (["--method", "ants"], "peer"),
+                        (["--method", "intensity", "--pairs", "0"], "pairs")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert word in err and "Traceback" not in err
+
+
+def test_protocol_writes_tables_and_resumes(cohorts, tmp_path):
+    cfg = ProtocolConfig(methods=("intensity", "mind"), presets=("official",), tasks=("ctct", "mrct"),
+                         pairs_per_task=1, cohort=str(cohorts["evaluation"]), hd95=False,
+                         method_settings={"intensity": FAST, "mind": FAST})
+    files = run_protocol(tmp_path / "p", cfg, progress=False)
+    rows = pd.read_csv(tmp_path / "p" / "rows.csv")
+    assert set(rows["method"]) == {"intensity[official]", "mind[official]"}
+    assert set(rows["task"]) == {"ctct", "mrct"}
+    res = pd.read_csv(files["results"]["csv"])
+    assert {"initial", "mind[official]", "intensity[official]"} <= set(res["method"])
+    assert (res["pairs"] == 1).all()
+    run_protocol(tmp_path / "p", cfg, progress=False)             # resumed: nothing registered again
+    assert len(pd.read_csv(tmp_path / "p" / "rows.csv")) == len(rows)
+    organ = pd.read_csv(files["per_organ"]["csv"])
+    assert "mind[official]_mean" in organ.columns and organ["label_name"].str.len().min() > 1
