@@ -33,7 +33,7 @@ from dinoreg_core.evaluation.metrics import dice_per_label  # noqa: E402
 from dinoreg_core.labels import load_mr_to_ct_map  # noqa: E402
 from dinoreg_core.preprocess import resample_to  # noqa: E402
 from dinoreg_core.registration.initial import initial_alignment_report  # noqa: E402
-from dinoreg_core.registration.partial_fov_cases import shared_dice, split_scan  # noqa: E402
+from dinoreg_core.evaluation.partial_fov_cases import shared_dice, split_scan  # noqa: E402
 
 REAL = Path(os.environ.get("DINOREG_SHARED_DATA", ROOT.parent / "shared" / "data")) / "real"
 OUT = ROOT / "results" / "bench" / "partial_fov_init.csv"

@@ -16,7 +16,7 @@ LAYERS = [
     ("base", ["dinoreg_core", "dinoreg_core.errors", "dinoreg_core.atomic", "dinoreg_core.filters",
               "dinoreg_core.settings", "dinoreg_core.progress", "dinoreg_core.labels", "dinoreg_core.lazy_registry",
               "dinoreg_core.machine"]),
-    ("io", ["dinoreg_core.io"]),
+    ("io", ["dinoreg_core.io", "dinoreg_core.export_itk"]),
     ("preprocess", ["dinoreg_core.preprocess"]),
     ("models & data", ["dinoreg_core.models", "dinoreg_core.data"]),
     ("features", ["dinoreg_core.features"]),

@@ -11,7 +11,7 @@ from scipy import ndimage
 from dinoreg_core import io
 from dinoreg_core.errors import DinoregError
 from dinoreg_core.registration.initial import InitConfig, initial_alignment, initial_alignment_report
-from dinoreg_core.registration.partial_fov_cases import rigid_about, shared_dice, split_scan
+from dinoreg_core.evaluation.partial_fov_cases import rigid_about, shared_dice, split_scan
 
 # small volumes keep the test fast: 6 mm scans, search on 10 mm, final refinement on 6 mm
 FAST = InitConfig(search_mm=10.0, refine_mm=6.0, iterations=80)

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..evaluation.metrics import dice_per_label
+from .metrics import dice_per_label
 from ..io import Volume
 from ..preprocess import resample_spacing, resample_to
-from .overlap_search import rotation_matrix
+from ..registration.overlap_search import rotation_matrix
 
 
 @dataclass
