@@ -60,7 +60,7 @@ class InitConfig:
     """Settings of the partial-field-of-view ``affine`` alignment (:mod:`.overlap_search`).
 
     ``min_score`` calibration (MIND concordance on the overlap, measured): an unrelated smooth-noise "body"
-    against a real CT about 0.15; the real MR slab against the real CT (different people) 0.31-0.37; the real
+    against a real CT about 0.15; the real MR slab against the real CT (different people) 0.30-0.37; the real
     CT against a rotated, shifted part of itself 0.95-0.98.
     """
 
