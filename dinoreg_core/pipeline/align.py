@@ -9,6 +9,7 @@ moving scan covers (registration runs there; a partial field of view, e.g. an MR
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,8 +20,10 @@ import numpy as np
 from .. import io
 from ..errors import DinoregError
 from ..preprocess import guess_modality, resample_to, world_overlap_fraction
-from ..registration.initial import initial_alignment
+from ..registration.initial import initial_alignment_report
 from ..validate import check_not_constant
+
+log = logging.getLogger("dinoreg")
 
 MIN_OVERLAP = 0.05  # fraction of fixed voxels the moving scan must cover in world space
 MIN_BOX_VOXELS = 16  # the covered box keeps at least this many voxels per axis (coarse grids stay meaningful)
@@ -48,6 +51,7 @@ class AlignedPair:
     timings: dict = field(default_factory=dict)  # load_s, init_s
     moving_labels: io.Volume | None = None  # the moving label map as loaded, on the moving grid, its own ids
     label_map: dict | None = None  # moving label id -> fixed label id (None: ids already agree)
+    init_report: dict | None = None  # which initial alignment was chosen and its score (registration.initial)
 
     def moving_labels_mapped(self) -> np.ndarray | None:
         """The moving label map on its own grid with ids mapped to fixed ids (which labels the moving scan has)."""
@@ -139,7 +143,9 @@ def align(fixed, moving, *, fixed_labels=None, moving_labels=None, init: str = "
     t_load = time.perf_counter() - t0
 
     t = time.perf_counter()
-    T = initial_alignment(fvol, mvol, init, fixed_modality=fmod, moving_modality=mmod)
+    T, report = initial_alignment_report(fvol, mvol, init, fixed_modality=fmod, moving_modality=mmod)
+    if init != "none":
+        log.info(f"initial alignment {init}: {report.chosen} (score {report.score})")
     overlap = world_overlap_fraction(fvol, mvol, world_transform=T)
     if overlap < MIN_OVERLAP:
         hint = " (try --init com or --init affine)" if init == "none" else ""
@@ -158,7 +164,8 @@ def align(fixed, moving, *, fixed_labels=None, moving_labels=None, init: str = "
     box = covered_box(mvol, fvol, T, same_grid)
     return AlignedPair(fvol, mvol, mov_img, T, box, fmod, mmod, same_grid,
                        flab.array if flab is not None else None, mov_lab, label_names,
-                       {"load_s": t_load, "init_s": t_init}, mlab, dict(label_map) if label_map else None)
+                       {"load_s": t_load, "init_s": t_init}, mlab, dict(label_map) if label_map else None,
+                       report.as_dict())
 
 
 def save_pair(pair: AlignedPair, path) -> Path:
@@ -177,7 +184,8 @@ def save_pair(pair: AlignedPair, path) -> Path:
             "moving_modality": pair.moving_modality, "same_grid": pair.same_grid, "timings": pair.timings,
             "label_names": {str(k): v for k, v in (pair.label_names or {}).items()} or None,
             "label_map": {str(k): int(v) for k, v in (pair.label_map or {}).items()} or None,
-            "moving_labels_path": pair.moving_labels.path if pair.moving_labels is not None else None}
+            "moving_labels_path": pair.moving_labels.path if pair.moving_labels is not None else None,
+            "init_report": pair.init_report}
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
     os.replace(tmp, path)
@@ -198,4 +206,5 @@ def load_pair(path) -> AlignedPair:
                        d.get("moving_labels_on_fixed"), names, dict(meta.get("timings") or {}),
                        io.Volume(d["moving_labels"], d["moving_affine"], path=meta.get("moving_labels_path"))
                        if "moving_labels" in d else None,
-                       {int(k): int(v) for k, v in meta["label_map"].items()} if meta.get("label_map") else None)
+                       {int(k): int(v) for k, v in meta["label_map"].items()} if meta.get("label_map") else None,
+                       meta.get("init_report"))

@@ -92,6 +92,16 @@ def compute_features(method_name: str, fixed_img: np.ndarray, moving_img: np.nda
     return ff.float(), mf.float()
 
 
+def _declared_options(features: str) -> set[str]:
+    """Names of the feature options method ``features`` declares (empty when it declares none)."""
+    from dataclasses import fields
+
+    from ..features.registry import options_class
+
+    cls = options_class(features)
+    return {f.name for f in fields(cls)} if cls is not None else set()
+
+
 def _run(features: str):
     def run(fixed, moving, *, fixed_modality: str, moving_modality: str, device=torch.device("cpu"),
             options: dict | None = None) -> RegistrationOutput:
@@ -102,6 +112,8 @@ def _run(features: str):
             raise DinoregError(f"The {features} method needs the moving scan resampled onto the fixed grid first "
                                f"(got shapes {tuple(moving.shape)} and {tuple(fixed.shape)} or different affines).")
         opts = FeaturePathOptions.parse(features, options)
+        if "spacing_mm" in _declared_options(features) and opts.feature_options.get("spacing_mm") is None:
+            opts.feature_options["spacing_mm"] = list(fixed.spacing)  # spacing-aware dino3d meets the image's scale
         torch.manual_seed(opts.seed)
         np.random.seed(opts.seed)
         device = torch.device(device)

@@ -79,7 +79,7 @@ def _write_files(out: Path, pair: AlignedPair, disp: Displacement, metrics: Metr
     if "itk" in export:
         files.update({k: Path(v) for k, v in export_itk(field, f, pair.world_transform, out).items()})
     payload = {"fixed": f.path, "moving": moving.path, "init_transform_fixed_world_to_moving_world":
-               pair.world_transform.tolist(), "metrics": metrics.to_dict(), "timings": dict(timings or {})}
+               pair.world_transform.tolist(), "initial_alignment": pair.init_report, "metrics": metrics.to_dict(), "timings": dict(timings or {})}
     write_json_atomic(out / "metrics.json", strict_json(payload))  # strict JSON: null, never NaN
     write_json_atomic(out / "config.json", strict_json(dict(config or {})))
     files["metrics"] = out / "metrics.json"
