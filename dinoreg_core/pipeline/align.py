@@ -81,6 +81,11 @@ class AlignedPair:
         return io.Volume(self.fixed.array[self.crop], aff), io.Volume(self.moving_on_fixed[self.crop], aff.copy())
 
 
+def _plain(obj):
+    """``obj`` with numpy scalars and arrays as Python numbers and lists (JSON-ready)."""
+    return json.loads(json.dumps(obj, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
+
+
 def as_volume(x, what: str, labels: bool = False) -> io.Volume:
     """A :class:`~dinoreg_core.io.Volume` as given, or loaded from a NIfTI path."""
     if isinstance(x, io.Volume):
@@ -165,7 +170,7 @@ def align(fixed, moving, *, fixed_labels=None, moving_labels=None, init: str = "
     return AlignedPair(fvol, mvol, mov_img, T, box, fmod, mmod, same_grid,
                        flab.array if flab is not None else None, mov_lab, label_names,
                        {"load_s": t_load, "init_s": t_init}, mlab, dict(label_map) if label_map else None,
-                       report.as_dict())
+                       _plain(report.as_dict()))
 
 
 def save_pair(pair: AlignedPair, path) -> Path:
