@@ -49,6 +49,33 @@ def make_cohort(root: Path) -> Path:
     return jp
 
 
+def make_real_pair(root: Path) -> Path | None:
+    """A real-anatomy CT-CT pair in Learn2Reg layout: the real CT and the demo's known deformation of it, the moving
+    file stored LPS with its origin moved by 15 mm (so --init affine has work to do). None without ../shared."""
+    from dinoreg_core.demo import find_demo_ct, known_deformation_pair
+
+    ct, _ = find_demo_ct()
+    if ct is None:
+        return None
+    pair = known_deformation_pair(max_disp_mm=10.0, seed=0, ct_path=ct)
+    for d in ("imagesTr", "labelsTr"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    f = pair.fixed
+    flip = np.array([[-1, 0, 0, f.shape[0] - 1], [0, -1, 0, f.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    maff = f.affine @ flip
+    maff[:3, 3] += (15.0, -10.0, 5.0)
+    nib.save(nib.Nifti1Image(f.array, f.affine), str(root / "imagesTr/RealCT_0001_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(pair.fixed_labels.array.astype(np.int16), f.affine), str(root / "labelsTr/RealCT_0001_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(pair.moving.array[::-1, ::-1].copy(), maff), str(root / "imagesTr/RealCT_0002_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(pair.moving_labels.array[::-1, ::-1].astype(np.int16).copy(), maff),
+             str(root / "labelsTr/RealCT_0002_0000.nii.gz"))
+    jp = root / "RealCT_dataset.json"
+    jp.write_text(json.dumps({"name": "RealCT", "labels": {"0": "background", **{str(k): v for k, v in pair.label_names.items()}},
+                              "registration_val": [{"fixed": "./imagesTr/RealCT_0001_0000.nii.gz",
+                                                    "moving": "./imagesTr/RealCT_0002_0000.nii.gz"}]}))
+    return jp
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("results/p15"))
@@ -59,12 +86,16 @@ def main(argv=None) -> int:
     jp = make_cohort(work / "cohort")
     rows = []
     t0 = time.time()
-    for split, what in SPLITS.items():
-        sub = work / f"sub_{split}"
+    jobs = [(jp, split, what) for split, what in SPLITS.items()]
+    real = make_real_pair(work / "real")
+    if real is not None:
+        jobs.append((real, "registration_val", "real CT <- real CT warped (LPS-stored, origin moved 15 mm)"))
+    for jp, split, what in jobs:
+        sub = work / f"sub_{jp.stem}_{split}"
         rc = dinoreg(["l2r", str(jp), "--split", split, "--out", str(sub), "--init", "affine", "--masked"])
         assert rc == 0
         cfg = official.config_from_dataset(jp, split, masked=True)
-        if split == "registration_val":
+        if split == "registration_val" and jp.parent.name == "cohort":
             cfg["evaluation_methods"].append({"name": "TRE", "metric": "tre", "dest": "keypoints"})
         ref = official.evaluate(sub, jp.parent, cfg)
         ref_unmasked = official.evaluate(sub, jp.parent, {**cfg, "masked_evaluation": False})
@@ -72,7 +103,7 @@ def main(argv=None) -> int:
         for key, o in ref.items():
             m = json.loads((sub / "pairs" / key.replace("<--", "-") / "metrics.json").read_text())["metrics"]
             l2r = m["learn2reg"]
-            rows.append({"split": split, "pair": key, "kind": what, "file": ours.loc[key, "file"],
+            rows.append({"split": f"{jp.stem.replace('_dataset', '')}:{split}", "pair": key, "kind": what, "file": ours.loc[key, "file"],
                          "dice_official": o["DSC"], "dice_table": ours.loc[key, "dice"], "dice_metrics_json": l2r["dice"],
                          "dice_pipeline": m["summary"]["dice"],
                          "hd95_official": o["HD95"], "hd95_table": ours.loc[key, "hd95"], "hd95_metrics_json": l2r["hd95"],

@@ -21,7 +21,9 @@ def warp_whole(moving: io.Volume, fixed: io.Volume, disp: np.ndarray, world_tran
         moving, fixed: canonical volumes (any two grids).
         disp: (3,D,H,W) canonical fixed-voxel displacement (deformable part).
         world_transform: (4,4) fixed world -> moving world (identity when None).
-        labels: nearest neighbour (int32 result) instead of trilinear (float32).
+        labels: nearest neighbour (int32 result) instead of trilinear (float32). A label sample whose coordinate lies
+            outside [0, n-1] on any axis is ``cval`` (0), as ``scipy.ndimage.map_coordinates(order=0)`` in the
+            Learn2Reg evaluation gives it (ITK would still take the border voxel within half a voxel).
         cval: value outside the moving field of view (default 0 for labels, the moving minimum for images,
             as :func:`dinoreg_core.preprocess.resample_to`).
 
@@ -30,7 +32,10 @@ def warp_whole(moving: io.Volume, fixed: io.Volume, disp: np.ndarray, world_tran
     """
     coords = np.moveaxis(io.whole_transform_coords(disp, fixed, moving, world_transform), 0, -1)
     if labels:
-        out = sample_voxel_coords(moving.array.astype(np.float32), coords, order=0, cval=0.0 if cval is None else cval)
+        c = 0.0 if cval is None else cval
+        out = sample_voxel_coords(moving.array.astype(np.float32), coords, order=0, cval=c)
+        outside = np.any((coords < 0) | (coords > np.asarray(moving.shape, dtype=np.float64) - 1), axis=-1)
+        out[outside] = c
         return np.rint(out).astype(np.int32)
     c = float(moving.array.min()) if cval is None else cval
     return sample_voxel_coords(moving.array, coords, order=1, cval=c).astype(np.float32)
