@@ -107,7 +107,7 @@ def extract_config(options: dict) -> ExtractConfig:
     for name in ("memory_budget_gb", "overlap"):
         if options.get(name) is not None:
             setattr(e, name, float(options[name]))
-    for name in ("window", "blend", "fit", "progress", "amp", "mode"):
+    for name in ("window", "blend", "fit", "progress", "amp", "mode", "window_batch"):
         if options.get(name) is not None:
             setattr(e, name, options[name])
     return e
