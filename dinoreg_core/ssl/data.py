@@ -26,19 +26,20 @@ samples ``offset + (s-s0)*B .. offset + (s-s0)*B + B-1`` (B = global batch, ``of
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
 import zlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data.augment import AugmentConfig, make_views
-from ..data.render import RenderConfig, check_families
+from ..data.render import FAMILIES, RenderConfig, check_families, render
 from ..errors import DinoregError
 
 # what loading a damaged scan raises (io and corpus loaders wrap most in DinoregError; the rest come from nibabel,
@@ -393,11 +394,6 @@ class StreamViews(torch.utils.data.Dataset):
                             for _ in range(self.augment.n_global)])
 
     def __getitem__(self, i: int) -> dict:
-        import math
-        from dataclasses import replace
-
-        from ..data.render import FAMILIES, render
-
         c, a = self.cfg, self.augment
         g = torch.Generator().manual_seed(sample_seed(self.seed, int(i), salt=4))
         if c.real_ratio > 0 and float(torch.rand((), generator=g)) < c.real_ratio:
