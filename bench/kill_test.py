@@ -347,7 +347,7 @@ def main() -> int:
             results[name] = fn(work, k, rng, log)
             log("")
     log("result: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in results.items()) +
-        f" ({a.kills_register + a.kills_pretrain + a.kills_reproduce} kills)")
+        f" ({sum('(killed)' in s for s in lines)} kills -9)")
     Path(a.log).parent.mkdir(parents=True, exist_ok=True)
     Path(a.log).write_text("\n".join(f"    {s}" if s and not s.startswith(("#", "command", "result")) else s
                                      for s in lines) + "\n")
