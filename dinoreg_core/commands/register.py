@@ -19,7 +19,9 @@ def add_parser(sub) -> None:
             "Writes into --out: disp.nii.gz (displacement on the fixed grid, (D,H,W,3) in fixed voxels, backward:\n"
             "warped(x) = moving(x + disp(x)), in the fixed file's own voxel axes), disp_FFFF_MMMM.nii.gz (the same,\n"
             "Learn2Reg name, when the file names follow the Learn2Reg pattern), warped.nii.gz, warped_labels.nii.gz\n"
-            "(with --moving-labels), metrics.json and config.json. Outputs are in the fixed scan's orientation."),
+            "(with --moving-labels), metrics.json and config.json, then outputs.json last (the files and their\n"
+            "SHA-256: present = the set is complete). Outputs are in the fixed scan's orientation; a reused --out\n"
+            "holds the new set as a whole (the old set's other files are removed, files of yours are kept)."),
         epilog=("examples:\n"
                 "  dinoreg register fixed.nii.gz moving.nii.gz --out result\n"
                 "  dinoreg register ct.nii.gz mr.nii.gz --fixed-labels ct_seg.nii.gz --moving-labels mr_seg.nii.gz \\\n"
