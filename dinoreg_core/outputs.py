@@ -255,8 +255,7 @@ class OutputSet:
         entries = {p.name: {"kind": k, "bytes": p.stat().st_size, "sha256": sha256(p)} for k, p in final.items()}
         write_json_atomic(self.out / MANIFEST, {"version": MANIFEST_VERSION, "complete": True, "files": entries})
         self.committed = True
-        final["manifest"] = self.out / MANIFEST
-        return {k: str(v) for k, v in final.items()}
+        return {k: str(v) for k, v in final.items()}  # the manifest is the folder's seal, not one of its outputs
 
 
 @contextlib.contextmanager

@@ -21,7 +21,9 @@ def add_parser(sub) -> None:
             "file disp_FFFF_MMMM.nii.gz (the whole transform, initial alignment included, indexing the moving file's\n"
             "grid; written when the names follow the Learn2Reg pattern and both files share one grid), warped.nii.gz,\n"
             "warped_labels.nii.gz (with --moving-labels), metrics.json and config.json; with --export itk also\n"
-            "itk_composite.nii.gz etc. for ITK/ANTs/Slicer. Outputs are in the fixed scan's orientation."),
+            "itk_composite.nii.gz etc. for ITK/ANTs/Slicer; then outputs.json last (the files and their SHA-256:\n"
+            "present = the set is complete). Outputs are in the fixed scan's orientation; a reused --out holds the\n"
+            "new set as a whole (the old set's other files are removed, files of yours are kept)."),
         epilog=("examples:\n"
                 "  dinoreg register fixed.nii.gz moving.nii.gz --out result\n"
                 "  dinoreg register ct.nii.gz mr.nii.gz --fixed-labels ct_seg.nii.gz --moving-labels mr_seg.nii.gz \\\n"
@@ -63,19 +65,15 @@ def run(args) -> int:
     from ..api import method_config, register
     from ..labels import load_label_id_map
     from ..settings import parse_assignments
-    from ..pipeline.checks import check_register_config
+    from ..pipeline.checks import check_register_config, check_weights_apply
 
+    if args.weights:
+        check_weights_apply(args.features, args.weights)
     overrides = ([("feat.weights", args.weights)] if args.weights else []) + parse_assignments(args.set)
     cfg = method_config(args.features, overrides, preset=args.preset, init=args.init, device=args.device,
                         fixed_modality=args.fixed_modality, moving_modality=args.moving_modality)
     check_register_config(cfg)
-    label_map = None
-    if args.label_map:
-        lm = Path(args.label_map)
-        try:
-            label_map = load_label_id_map(lm)
-        except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError):
-            raise DinoregError(f"The label map {lm} could not be read as a JSON id -> id mapping.") from None
+    label_map = load_label_id_map(args.label_map) if args.label_map else None  # validated, one sentence
     if args.json:
         logging.getLogger("dinoreg").setLevel(logging.WARNING)  # stdout carries the JSON only
     res = register(args.fixed, args.moving, fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,

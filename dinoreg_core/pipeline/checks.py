@@ -44,6 +44,16 @@ def check_feature_options(method: str, options: dict) -> None:
             in_range(options["memory_budget_gb"], 0.01, 4096.0, "feat.memory_budget_gb")
 
 
+def check_weights_apply(features: str, weights) -> None:
+    """Refuse ``--weights`` for a feature method whose options have no weights (e.g. ``mind``), in one sentence."""
+    if get_registration_method(features).kind != "features":
+        return
+    ocls = options_class(features)
+    if ocls is not None and "weights" not in {f.name for f in fields(ocls)}:
+        raise DinoregError(f"--weights {weights} applies to learned features (dino3d, dinov2), not to "
+                           f"--features {features}.")
+
+
 def check_register_config(cfg) -> None:
     """Validate a :class:`~dinoreg_core.pipeline.config.RegisterConfig` before anything is loaded or written:
     ConvexAdam ranges, ``pca_dim``, the method's feature options (unknown keys refused), and options that do not
@@ -55,10 +65,8 @@ def check_register_config(cfg) -> None:
     cfg.convex.validate()
     in_range(cfg.pca_dim, 1, MAX_PCA_DIM, "pca_dim")
     opts = dict(cfg.feature_options)
-    ocls = options_class(cfg.features)
-    if "weights" in opts and ocls is not None and "weights" not in {f.name for f in fields(ocls)}:
-        raise DinoregError(f"--weights {opts['weights']} applies to learned features (dino3d, dinov2), not to "
-                           f"--features {cfg.features}.")
+    if "weights" in opts:
+        check_weights_apply(cfg.features, opts["weights"])
     FeaturePathOptions.parse(cfg.features, cfg.method_options())
     check_feature_options(cfg.features, checked_options(cfg.features, opts))
     default_pca = next(f.default for f in fields(RegisterConfig) if f.name == "pca_dim")
