@@ -49,6 +49,7 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", help="dino3d weights held fixed during the search")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting held fixed during the search (repeatable)")
+    p.add_argument("--cache", help="folder of stored backbone features (default: OUT.cache; may be shared)")
     p.add_argument("--out", required=True, help="the tuned preset file (.json)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=run)
@@ -79,7 +80,7 @@ def run(args) -> int:
                      tasks=tuple(s for s in args.tasks.split(",") if s), rounds=args.rounds,
                      max_sdlogj=args.max_sdlogj, max_folding_pct=args.max_folding, pairs_per_task=args.pairs,
                      fixed_settings=fixed, device=args.device,
-                     factors=_factors(args.factors)).validate()
+                     factors=_factors(args.factors), cache_dir=args.cache).validate()
     data = args.data
     if data == "synthetic":
         from ..data.cohorts import generate_role_cohort

@@ -66,6 +66,7 @@ class TuneConfig:
     pairs_per_task: int = 1  # tuning pairs of each task
     tasks: tuple = ("ctct", "mrmr", "mrct")
     fixed_settings: dict = field(default_factory=dict)  # --set values held fixed during the search (e.g. weights)
+    cache_dir: str | None = None  # stored backbone features (None: <out>.cache; share one between methods)
     device: str = "cpu"
 
     def validate(self) -> "TuneConfig":
@@ -219,7 +220,7 @@ def tune(dataset_json, out, cfg: TuneConfig, *, progress: bool = True) -> dict:
         bar.set_postfix(dice=f"{done[key]['dice']:.3f}")
         return done[key]
 
-    with memoized_extraction(cache_dir=out.with_name(out.stem + ".cache")):
+    with memoized_extraction(cache_dir=cfg.cache_dir or out.with_name(out.stem + ".cache")):
         have = available_presets(method)
         starts = []
         for name in [s for s in cfg.starts if s in have]:
