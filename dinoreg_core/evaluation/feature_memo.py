@@ -94,9 +94,9 @@ def memoized_extraction(methods=DEFAULT_METHODS, cache_dir=None):
         except Exception:  # noqa: BLE001 - a method that is not available here is simply not wrapped
             continue
         saved[name] = fm
-        registry._REGISTRY[name] = replace(fm, extract=memo.wrap(name, fm.extract))
+        registry.register_feature_method(replace(fm, extract=memo.wrap(name, fm.extract)))
     try:
         yield memo
     finally:
         for name, fm in saved.items():
-            registry._REGISTRY[name] = fm
+            registry.register_feature_method(fm)
