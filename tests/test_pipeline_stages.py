@@ -46,8 +46,8 @@ def test_stages_compose_to_api_register(volumes, tmp_path):
     assert res.metrics == metrics.to_dict()
     assert json.loads((tmp_path / "stages" / "metrics.json").read_text())["metrics"]["summary"] == \
         json.loads((tmp_path / "api" / "metrics.json").read_text())["metrics"]["summary"]
-    assert sorted(files) == sorted(res.outputs) == ["config", "displacement", "manifest", "metrics", "warped",
-                                                       "warped_labels"]
+    assert sorted(files) == sorted(res.outputs) == ["config", "displacement", "metrics", "warped", "warped_labels"]
+    assert (tmp_path / "stages" / "outputs.json").is_file() and (tmp_path / "api" / "outputs.json").is_file()
     zero = evaluate(pair, zero_displacement(pair))
     assert zero.summary["dice"] == pytest.approx(zero.summary["dice_initial"])
 
