@@ -19,6 +19,7 @@ import numpy as np
 
 from dinoreg_core.cli import main as dinoreg
 from dinoreg_core.demo import shared_data_dir
+from dinoreg_core.export_itk import inside_moving_grid
 
 ANTS_SCRIPT = """import sys, ants
 f, m, ml, tx, o = sys.argv[1:6]
@@ -29,17 +30,7 @@ ants.image_write(ants.apply_transforms(fi, ants.image_read(ml), [tx], interpolat
 
 
 def _inside(sitk, fixed, composite_path, moving_path, tol=1e-6):
-    """(z,y,x) mask of fixed voxels whose point, moved by the composite field as ITK reads it, lies between the
-    moving grid's first and last voxel centres (ITK would extrapolate the border half-voxel; we do not)."""
-    moving = sitk.ReadImage(str(moving_path))
-    field = sitk.GetArrayFromImage(sitk.ReadImage(str(composite_path), sitk.sitkVectorFloat64))  # (z,y,x,3) LPS
-    size = fixed.GetSize()
-    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in size[::-1]], indexing="ij")[::-1], -1)  # (z,y,x,3)
-    d_f = np.array(fixed.GetDirection()).reshape(3, 3) * np.array(fixed.GetSpacing())
-    pts = idx @ d_f.T + np.array(fixed.GetOrigin()) + field
-    d_m = np.array(moving.GetDirection()).reshape(3, 3) * np.array(moving.GetSpacing())
-    cidx = (pts - np.array(moving.GetOrigin())) @ np.linalg.inv(d_m).T
-    return np.all((cidx >= -tol) & (cidx <= np.array(moving.GetSize()) - 1 + tol), axis=-1)
+    return inside_moving_grid(sitk, fixed, composite_path, moving_path, tol)
 
 
 def main(argv=None) -> int:

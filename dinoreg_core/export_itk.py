@@ -137,3 +137,18 @@ def export_itk(disp: np.ndarray, fixed: io.Volume, world_transform: np.ndarray |
         "itk_affine_mat": save_itk_affine_mat(t, out / AFFINE_MAT_NAME),
         "itk_composite": save_itk_displacement(composite_displacement(disp, fixed, t), fixed, out / COMPOSITE_NAME),
     }
+
+
+def inside_moving_grid(sitk, fixed, composite_path, moving_path, tol: float = 1e-6) -> np.ndarray:
+    """(z,y,x) bool mask of the SimpleITK image ``fixed``'s voxels whose point, moved by the composite field as ITK
+    reads it, lies between the moving grid's first and last voxel centres (ITK extrapolates the border half-voxel;
+    we do not). ``sitk``: the SimpleITK module (an optional dependency, so the caller passes it in)."""
+    moving = sitk.ReadImage(str(moving_path))
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(composite_path), sitk.sitkVectorFloat64))  # (z,y,x,3) LPS
+    size = fixed.GetSize()
+    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in size[::-1]], indexing="ij")[::-1], -1)  # (z,y,x,3)
+    d_f = np.array(fixed.GetDirection()).reshape(3, 3) * np.array(fixed.GetSpacing())
+    pts = idx @ d_f.T + np.array(fixed.GetOrigin()) + field
+    d_m = np.array(moving.GetDirection()).reshape(3, 3) * np.array(moving.GetSpacing())
+    cidx = (pts - np.array(moving.GetOrigin())) @ np.linalg.inv(d_m).T
+    return np.all((cidx >= -tol) & (cidx <= np.array(moving.GetSize()) - 1 + tol), axis=-1)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from dinoreg_core import export_itk, io
+from dinoreg_core import export_itk
 from dinoreg_core.api import register
 
 sitk = pytest.importorskip("SimpleITK", reason="SimpleITK (in [dev]) is not installed")
@@ -82,17 +82,7 @@ def _register(tmp_path, *, fixed_lps: bool, moving_lps: bool, init: str, moving_
 
 
 def _inside(fixed, composite_path, moving_path, tol=1e-6):
-    """(z,y,x) mask of fixed voxels whose point, moved by the composite field as ITK reads it, lies between the
-    moving grid's first and last voxel centres (ITK would extrapolate the border half-voxel; we do not)."""
-    moving = sitk.ReadImage(str(moving_path))
-    field = sitk.GetArrayFromImage(sitk.ReadImage(str(composite_path), sitk.sitkVectorFloat64))  # (z,y,x,3) LPS
-    size = fixed.GetSize()
-    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=float) for s in size[::-1]], indexing="ij")[::-1], -1)  # (z,y,x,3)
-    d_f = np.array(fixed.GetDirection()).reshape(3, 3) * np.array(fixed.GetSpacing())
-    pts = idx @ d_f.T + np.array(fixed.GetOrigin()) + field
-    d_m = np.array(moving.GetDirection()).reshape(3, 3) * np.array(moving.GetSpacing())
-    cidx = (pts - np.array(moving.GetOrigin())) @ np.linalg.inv(d_m).T
-    return np.all((cidx >= -tol) & (cidx <= np.array(moving.GetSize()) - 1 + tol), axis=-1)
+    return export_itk.inside_moving_grid(sitk, fixed, composite_path, moving_path, tol)
 
 
 CASES = {"ras_fixed_lps_moving": dict(fixed_lps=False, moving_lps=True, init="none"),
