@@ -67,6 +67,14 @@ def _pair(spacing: float):
     return fixed.array, mov, flab.array, mlab, truth, body
 
 
+KERNEL_ENV = "DINOREG_BENCH_ADAM_KERNEL"  # --adam-kernel, handed to the child processes
+
+
+def _kernel() -> str:
+    """The Adam-stage implementation our side runs (ConvexAdamConfig.adam_kernel; the bench measures "fused")."""
+    return os.environ.get(KERNEL_ENV, "fused")
+
+
 def _one(impl: str, spacing: float) -> dict:
     import torch
 
@@ -84,7 +92,7 @@ def _one(impl: str, spacing: float) -> dict:
         from dinoreg_core.features.mind import mind_ssc
         from dinoreg_core.registration.convex_adam import ConvexAdamConfig, convex_adam
 
-        disp = convex_adam(mind_ssc(ft, 1, 2), mind_ssc(mt, 1, 2), ConvexAdamConfig())
+        disp = convex_adam(mind_ssc(ft, 1, 2), mind_ssc(mt, 1, 2), ConvexAdamConfig(adam_kernel=_kernel()))
     else:
         import contextlib
         import io
@@ -151,7 +159,8 @@ def _cli_run(impl: str, folder: Path, threads: int) -> dict:
         shutil.rmtree(out)
     if impl == "ours":
         cmd = [sys.executable, "-m", "dinoreg_core.cli", "register", str(folder / "fixed.nii.gz"),
-               str(folder / "moving.nii.gz"), "--out", str(out), "--fixed-modality", "ct", "--moving-modality", "ct"]
+               str(folder / "moving.nii.gz"), "--out", str(out), "--fixed-modality", "ct", "--moving-modality", "ct",
+               "--set", f"adam_kernel={_kernel()}"]
     else:
         cmd = [sys.executable, __file__, "--official-cli", str(folder / "fixed.nii.gz"), str(folder / "moving.nii.gz"),
                str(out)]
@@ -194,10 +203,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "results" / "bench" / "convex_adam_vs_official.csv"))
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--mode", choices=("inprocess", "cli"), default="inprocess")
+    ap.add_argument("--adam-kernel", choices=("fused", "autograd"), default="fused",
+                    help="our Adam stage: fused (written-out gradient, what the README table measured) or autograd "
+                         "(the default of dinoreg register)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--cli-child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--official-cli", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    os.environ.setdefault(KERNEL_ENV, a.adam_kernel)
     if a.child:
         import torch
 
@@ -231,7 +244,7 @@ def main() -> None:
                     r = subprocess.run([sys.executable, __file__, "--threads", str(a.threads), "--child", impl, str(sp)],
                                        capture_output=True, text=True, check=True, env=env)
                     row = json.loads(r.stdout.strip().splitlines()[-1])
-                row.update(impl=impl, spacing_mm=sp, repeat=rep, load_1min=load)
+                row.update(impl=impl, spacing_mm=sp, repeat=rep, load_1min=load, adam_kernel=_kernel())
                 rows.append(row)
                 print(f"{sp:.0f} mm {impl:9s} {row['seconds']:6.1f} s (cpu {row['cpu_seconds']:6.1f} s) "
                       f"load {load:4.1f}  {row['peak_rss_mb']:6.0f} MB  "
