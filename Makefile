@@ -40,7 +40,7 @@ reproduce: setup
 	$(BIN)/dinoreg reproduce --profile demo
 
 # Retrain the shipped demo weights (dinoreg_core/weights/dino3d_demo.*): the 16-subject synthetic CT+MR cohort of
-# seed 1000 (never used for evaluation), then `dinoreg pretrain --config demo` (1500 steps, about 45 min on one CPU
+# seed 1000 (never used for evaluation), then `dinoreg pretrain --config demo` (700 steps, 16 CPU minutes measured on one
 # thread). Resumable: rerun the same command after an interruption.
 demo-weights: setup
 	# a CT and a co-registered MR of each subject (no breathing or pose change between them): the demo config pairs them
