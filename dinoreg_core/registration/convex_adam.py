@@ -321,7 +321,7 @@ def adam_refine_autograd(pf: torch.Tensor, pm: torch.Tensor, init: torch.Tensor,
         objective = ((warped - pf) ** 2).mean() * cfg.cost_scale + reg
         objective.backward()
         opt.step()
-        value = float(objective)
+        value = float(objective.detach())
         if log is not None:
             log.append(value)
         if cfg.early_stop_patience:
