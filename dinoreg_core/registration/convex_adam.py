@@ -39,13 +39,14 @@ from .adam_objective import TrilinearSSD, diffusion_, smooth3_
 from .warp import identity_grid, sample, voxel_to_normalized
 
 
-# The Adam stage's two implementations. "autograd" differentiates through grid_sample (the reference: every result
-# in the README and the parity tests). "fused" writes the objective and its gradient out (registration/adam_objective.py;
-# about 2x faster on CPU) but takes the forward difference where a sample point lies exactly on a voxel (the kink of
-# trilinear interpolation), where grid_sample's choice follows float rounding; since Adam's first steps follow the
-# gradient's sign, results differ: on a 48x56x48 real-CT crop (40 iterations, grid_sp_adam 3) MIND Dice 0.702 fused
-# vs 0.768 autograd (forward-offset autograd: 0.701). It stays opt-in until that is resolved.
-ADAM_KERNELS = ("autograd", "fused")
+# The Adam stage's two implementations. "fused" (the default) writes the objective and its gradient out
+# (registration/adam_objective.py; about 2x faster on CPU, less memory). "autograd" differentiates through grid_sample
+# and stays selectable as the reference. Both give the same objective and gradient to float rounding, also where a
+# sample point lies exactly on a voxel (every point at Adam's first iteration after a zero discrete field): there the
+# one-sided derivative follows grid_sample's float32 coordinate round trip, which the fused kernel reproduces. (It
+# used to take the forward difference there, so Adam's sign-like first steps parted the runs: MIND Dice 0.702 fused
+# vs 0.768 autograd on the 48x56x48 pin crop; now 0.7678 for both, fields 1.5e-6 voxel apart.)
+ADAM_KERNELS = ("fused", "autograd")
 _STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -67,7 +68,7 @@ class ConvexAdamConfig:
     early_stop_patience: int = 0  # stop Adam after this many iterations without improvement (0 = off, = official)
     early_stop_tol: float = 1e-4  # an improvement counts when the objective falls by more than this fraction of it
     feature_dtype: str = "float32"  # storage of the Adam stage's features: float32 | float16 | bfloat16 (CUDA only)
-    adam_kernel: str = "autograd"  # Adam-stage gradient: autograd (grid_sample, the reference) | fused (written out)
+    adam_kernel: str = "fused"  # Adam-stage gradient: fused (written out) | autograd (through grid_sample, the reference)
     cost_volume_max_mb: float = 512.0  # a cost volume above this: its temporaries are built in chunks (<= 1/4 of it)
 
     def validate(self) -> "ConvexAdamConfig":
@@ -298,8 +299,8 @@ def _sample_batched(vol_b: torch.Tensor, coords: torch.Tensor, nb: int) -> torch
 
 def adam_refine_autograd(pf: torch.Tensor, pm: torch.Tensor, init: torch.Tensor, cfg: ConvexAdamConfig,
                          log: list | None = None) -> torch.Tensor:
-    """The Adam stage by autograd through grid_sample (``adam_kernel="autograd"``, the default; same arguments
-    and result as :func:`adam_refine`)."""
+    """The Adam stage by autograd through grid_sample (``adam_kernel="autograd"``, the reference; same arguments
+    as :func:`adam_refine` and the same result to float rounding)."""
     g = cfg.grid_sp_adam
     size = init.shape[2:]
     coarse = pf.shape[2:]
@@ -341,6 +342,7 @@ def adam_refine(pf: torch.Tensor, pm: torch.Tensor, init: torch.Tensor, cfg: Con
 
     The objective (SSD of the features + ``lambda_weight`` x diffusion of the thrice box-smoothed parameters)
     and its gradient are written out (:mod:`.adam_objective`); buffers are allocated once, before the loop.
+    ``adam_kernel="fused"``, the default; equals :func:`adam_refine_autograd` to float rounding.
 
     Args:
         pf, pm: (1,C,n0,n1,n2) fixed and moving features pooled onto the Adam grid (``grid_sp_adam`` voxels a cell).
