@@ -204,8 +204,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     ap.add_argument("--mode", choices=("inprocess", "cli"), default="inprocess")
     ap.add_argument("--adam-kernel", choices=("fused", "autograd"), default="fused",
-                    help="our Adam stage: fused (written-out gradient, what the README table measured) or autograd "
-                         "(the default of dinoreg register)")
+                    help="our Adam stage: fused (written-out gradient, the default of dinoreg register) or autograd "
+                         "(the reference through grid_sample)")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--cli-child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--official-cli", nargs=3, help=argparse.SUPPRESS)

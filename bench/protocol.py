@@ -35,15 +35,28 @@ def main(argv=None) -> int:
     p.add_argument("--real", help="folder of the real MR/CT pair (extra row)")
     p.add_argument("--cache", help="folder of the stored backbone features (default: OUT/feature_cache)")
     p.add_argument("--no-hd95", action="store_true", help="skip HD95 (faster)")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="a setting of one method on top of every preset (repeatable), "
+                        "e.g. dino3d:feat.weights=W.safetensors")
+    p.add_argument("--tag", default="", help="name the rows method@TAG[preset] (e.g. other weights)")
     p.add_argument("--tables-only", action="store_true")
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="with --tables-only: first combine the rows.csv of these protocol folders into OUT/rows.csv "
                         "(one row per dataset, pair, method and label; the first folder wins)")
     a = p.parse_args(argv)
     setup_logging(0)
+    method_settings: dict = {}
+    for item in a.set:
+        head, sep, value = item.partition("=")
+        method, colon, key = head.partition(":")
+        if not (sep and colon and method and key):
+            print(f"protocol: error: --set {item!r} is not METHOD:KEY=VALUE.", file=sys.stderr)
+            return 2
+        method_settings.setdefault(method, {})[key] = value
     cfg = ProtocolConfig(methods=tuple(a.methods.split(",")), presets=tuple(a.presets.split(",")),
                          tasks=tuple(t for t in a.tasks.split(",") if t), pairs_per_task=a.pairs, spacing_mm=a.spacing,
-                         n_subjects=a.subjects, cohort=a.cohort, real_pair=a.real, hd95=not a.no_hd95, cache_dir=a.cache)
+                         n_subjects=a.subjects, cohort=a.cohort, real_pair=a.real, hd95=not a.no_hd95, cache_dir=a.cache,
+                         method_settings=method_settings, tag=a.tag)
     try:
         if a.tables_only and a.merge:
             parts = [pd.read_csv(Path(d) / "rows.csv") for d in a.merge if (Path(d) / "rows.csv").is_file()]

@@ -4,7 +4,9 @@ search is resumable and writes a preset that loads, the protocol writes its tabl
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -87,3 +89,35 @@ def test_protocol_writes_tables_and_resumes(cohorts, tmp_path):
     assert len(pd.read_csv(tmp_path / "p" / "rows.csv")) == len(rows)
     organ = pd.read_csv(files["per_organ"]["csv"])
     assert "mind[official]_mean" in organ.columns and organ["label_name"].str.len().min() > 1
+
+
+def test_protocol_tag_names_rows_and_keeps_them_apart(cohorts, tmp_path):
+    """Rows of a tagged run (other settings of one method) are method@tag[preset] and resume on their own names;
+    bench/protocol.py's --set METHOD:KEY=VALUE reaches the method's settings, a malformed one is refused."""
+    import importlib.util
+
+    cfg = ProtocolConfig(methods=("intensity",), presets=("official",), tasks=("ctct",), pairs_per_task=1,
+                         cohort=str(cohorts["evaluation"]), hd95=False, method_settings={"intensity": FAST},
+                         tag="lam2")
+    run_protocol(tmp_path / "p", cfg, progress=False)
+    rows = pd.read_csv(tmp_path / "p" / "rows.csv")
+    assert set(rows["method"]) == {"intensity@lam2[official]"}
+    run_protocol(tmp_path / "p", cfg, progress=False)             # resumed by the tagged name
+    assert len(pd.read_csv(tmp_path / "p" / "rows.csv")) == len(rows)
+
+    spec = importlib.util.spec_from_file_location("bench_protocol", Path(__file__).parents[1] / "bench" / "protocol.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--out", str(tmp_path / "q"), "--set", "intensity=2"]) == 2
+    out = tmp_path / "b"
+    args = ["--out", str(out), "--methods", "intensity", "--presets", "official", "--tasks", "ctct", "--pairs", "1",
+            "--cohort", str(cohorts["evaluation"]), "--no-hd95", "--tag", "lam", "--set", "intensity:lambda_weight=2.5"]
+    for k, v in FAST.items():
+        args += ["--set", f"intensity:{k}={v}"]
+    assert bench.main(args) == 0
+    got = json.loads((out / "protocol.json").read_text())
+    assert got["rows"] == ["intensity@lam[official]"]
+    assert got["config"]["method_settings"]["intensity"]["lambda_weight"] == "2.5"
+    b = pd.read_csv(out / "rows.csv")
+    # the setting reached the registration: a 2x lambda gives another field than the plain run
+    assert not np.allclose(b.sort_values("label")["sdlogj"].to_numpy(), rows.sort_values("label")["sdlogj"].to_numpy())

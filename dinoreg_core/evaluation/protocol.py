@@ -58,6 +58,7 @@ class ProtocolConfig:
     n_subjects: int = 10  # cohort cases (n cases give n cyclic pairs per task)
     cohort: str | None = None  # an existing evaluation cohort (json or folder) instead of generating one
     method_settings: dict = field(default_factory=dict)  # {method: {--set: value}} on top of every preset
+    tag: str = ""  # rows are named method@tag[preset] (e.g. other dino3d weights beside the shipped ones)
     real_pair: str | None = None  # folder of the real MR/CT pair (../shared/data/real), None: no real row
     hd95: bool = True
     cache_dir: str | None = None  # where backbone features are stored (None: OUT/feature_cache)
@@ -135,12 +136,19 @@ def _feature_options(settings: dict) -> dict:
     return {"weights": w} if w else {}
 
 
-def pair_rows(dataset: str, task: str, pair_name: str, method: str, preset: str, res, hd95_spacing) -> list[dict]:
+def tagged(method: str, tag: str = "") -> str:
+    """``dino3d@v4``: the method's name in the rows when the protocol runs with a tag."""
+    return f"{method}@{tag}" if tag else method
+
+
+def pair_rows(dataset: str, task: str, pair_name: str, method: str, preset: str, res, hd95_spacing,
+              tag: str = "") -> list[dict]:
     """Label rows of one registration (Dice after and before, HD95 mm when computed, the field's metrics)."""
     fm = res.metrics["field"]
     out = []
     for r in res.metrics.get("labels", []):
-        out.append({"dataset": dataset, "task": task, "pair": pair_name, "method": row_name(method, preset),
+        out.append({"dataset": dataset, "task": task, "pair": pair_name,
+                    "method": row_name(tagged(method, tag), preset),
                     "base_method": method, "preset": preset, "label": r["label"], "label_name": r["name"],
                     "dice": r["dice"], "dice_initial": r["dice_initial"], "hd95_mm": r.get("hd95_mm", np.nan),
                     "sdlogj": fm["sdlogj"], "sdlogj_l2r": fm["sdlogj_l2r"], "folding_pct": fm["folding_pct"],
@@ -205,7 +213,7 @@ def real_pair_rows(folder: Path, rows_plan, cfg: ProtocolConfig, done: set, rows
         log.warning(f"real pair skipped: {f / missing[0]} does not exist")
         return
     dataset = "real MR-CT (init affine)"
-    todo = [(m, p) for m, p in rows_plan if (dataset, "real", row_name(m, p)) not in done]
+    todo = [(m, p) for m, p in rows_plan if (dataset, "real", row_name(tagged(m, cfg.tag), p)) not in done]
     if not todo:
         return
     names = {}
@@ -219,7 +227,7 @@ def real_pair_rows(folder: Path, rows_plan, cfg: ProtocolConfig, done: set, rows
                  label_map=load_label_id_map(f / "mr_label_ids_to_ct_label_ids.json"), label_names=names or None)
     for m, p in todo:
         res, _ = register_row(pair, m, p, cfg)
-        _append(rows_path, pair_rows(dataset, "real_mrct", "real", m, p, res, pair.fixed.spacing))
+        _append(rows_path, pair_rows(dataset, "real_mrct", "real", m, p, res, pair.fixed.spacing, cfg.tag))
         log.info(f"{dataset} {row_name(m, p)}: Dice {np.nanmean([r['dice'] for r in res.metrics['labels']]):.3f}")
 
 
@@ -282,10 +290,11 @@ def run_protocol(out, cfg: ProtocolConfig, *, progress: bool = True) -> dict:
         raise DinoregError("No method of the protocol can run here: " + "; ".join(notes))
     jp = evaluation_cohort(out, cfg)
     entries = round_robin(load_pairs(jp, kinds=tuple(cfg.tasks), n_per_kind=cfg.pairs_per_task), cfg.tasks)
-    presets_used = {row_name(m, p): load_preset(m, p, _feature_options(cfg.method_settings.get(m, {}))).settings
+    names_of = {(m, p): row_name(tagged(m, cfg.tag), p) for m, p in plan}
+    presets_used = {names_of[m, p]: load_preset(m, p, _feature_options(cfg.method_settings.get(m, {}))).settings
                     for m, p in plan}
     write_json_atomic(out / "protocol.json", {"config": json.loads(json.dumps(asdict(cfg), default=str)),
-                                              "cohort": str(jp), "rows": [row_name(m, p) for m, p in plan],
+                                              "cohort": str(jp), "rows": list(names_of.values()),
                                               "notes": notes, "presets": presets_used})
     meta = json.loads(Path(jp).read_text())
     cohort_name = meta.get("name", "cohort")
@@ -298,7 +307,7 @@ def run_protocol(out, cfg: ProtocolConfig, *, progress: bool = True) -> dict:
         for e in entries:
             dataset = f"{cohort_name} {TASK_NAMES[e['task']]} {float(cfg.spacing_mm):g} mm"
             pair_name = f"{Path(e['fixed']).name.split('.')[0]}<-{Path(e['moving']).name.split('.')[0]}"
-            todo = [(m, p) for m, p in plan if (dataset, pair_name, row_name(m, p)) not in done]
+            todo = [(m, p) for m, p in plan if (dataset, pair_name, row_name(tagged(m, cfg.tag), p)) not in done]
             bar.update(len(plan) - len(todo))
             if not todo:
                 continue
@@ -307,7 +316,7 @@ def run_protocol(out, cfg: ProtocolConfig, *, progress: bool = True) -> dict:
                          fixed_modality=fm, moving_modality=mm, label_names=names)
             for m, p in todo:
                 res, _ = register_row(pair, m, p, cfg)
-                _append(rows_path, pair_rows(dataset, e["task"], pair_name, m, p, res, pair.fixed.spacing))
+                _append(rows_path, pair_rows(dataset, e["task"], pair_name, m, p, res, pair.fixed.spacing, cfg.tag))
                 bar.update(1)
                 bar.set_postfix_str(f"{e['task']} {row_name(m, p)} "
                                     f"{np.nanmean([r['dice'] for r in res.metrics['labels']]):.3f}")
