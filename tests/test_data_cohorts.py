@@ -81,3 +81,29 @@ def test_evaluation_cohort_is_written_with_the_held_back_appearance(tmp_path):
     assert pd[lab > 0].mean() > 3 * pd[pd < np.percentile(pd, 5) + 1].mean() + 1
     assert generate_role_cohort(root, "evaluation", 2, spacing_mm=8.0, shape=(36, 30, 34), workers=1,
                                 progress=False) == js                      # complete: returned at once
+
+
+def test_data_cohort_cli_writes_the_role_cohort_and_refuses_bad_values(tmp_path, capsys):
+    """`dinoreg data cohort` gives the same volumes as generate_role_cohort (the seed is the role's);
+    an unknown role, one subject or a bad spacing is one sentence and exit status 2."""
+    from dinoreg_core.cli import main
+
+    small = ["--spacing", "8", "--shape", "30", "26", "28", "--no-progress"]
+    assert main(["data", "cohort", "--role", "validation", "--out", str(tmp_path / "cli"), "--n-subjects", "2",
+                 *small]) == 0
+    ref = generate_role_cohort(tmp_path / "ref", "validation", 2, spacing_mm=8.0, shape=(30, 26, 28), progress=False)
+    d = json.loads((tmp_path / "cli" / "SynthValidation_dataset.json").read_text())
+    r = json.loads(ref.read_text())
+    assert d["role"] == r["role"] == "validation"
+    assert d["registration_mrct"] == r["registration_mrct"] and d["registration_ctct"] == r["registration_ctct"]
+    for name in ("SynthValidation_0001_0000.nii.gz", "SynthValidation_0002_0001.nii.gz"):
+        a = nib.load(tmp_path / "cli" / "imagesTr" / name).get_fdata()
+        b = nib.load(tmp_path / "ref" / "imagesTr" / name).get_fdata()
+        assert np.array_equal(a, b)
+    capsys.readouterr()
+    for bad in (["--role", "pretrain"], ["--role", "tuning", "--n-subjects", "1"],
+                ["--role", "tuning", "--spacing", "-2"]):
+        assert main(["data", "cohort", "--out", str(tmp_path / "bad"), *bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "Traceback" not in err and err
+    assert not (tmp_path / "bad").exists()

@@ -7,6 +7,8 @@ Subcommands::
     dinoreg data fetch NAME --dest DIR [--retries N] [--keep-archive] [--no-progress]
     dinoreg data generate-phantoms --out DIR [--n-subjects N] [--spacing MM] [--shape D H W] [--seed S]
                                    [--workers N] [--set KEY=VALUE ...]
+    dinoreg data cohort --role tuning|validation|evaluation --out DIR [--n-subjects N] [--spacing MM]
+                        [--shape D H W] [--workers N]
     dinoreg data build-corpus SRC [SRC ...] --out DIR [--spacing MM] [--dtype float16|float32]
                               [--format npy|nifti] [--manifest NAME] [--modality ct|mr] [--no-crop] [--margin-mm MM]
 
@@ -31,6 +33,8 @@ from pathlib import Path
 from .. import settings
 from ..atomic import write_json_atomic
 from ..errors import DinoregError
+
+DEFAULT_ROLE_SUBJECTS = 10  # subjects of a role cohort made by `dinoreg data cohort`
 
 
 def add_parser(subparsers) -> None:
@@ -68,6 +72,18 @@ def add_parser(subparsers) -> None:
                    help="any other PhantomConfig field (value parsed as JSON, else taken as a string)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_generate_phantoms)
+
+    q = sub.add_parser("cohort", help="generate the synthetic cohort of one role (tuning, validation, evaluation), "
+                                      "whose seed is fixed by the role (dinoreg_core.data.cohorts)")
+    q.add_argument("--role", required=True, help="tuning, validation or evaluation")
+    q.add_argument("--out", required=True, help="output folder (Learn2Reg layout)")
+    q.add_argument("--n-subjects", type=int, default=DEFAULT_ROLE_SUBJECTS,
+                   help=f"number of subjects = inter-patient pairs per task (default {DEFAULT_ROLE_SUBJECTS})")
+    q.add_argument("--spacing", type=float, default=None, help="voxel spacing in mm (default 3)")
+    q.add_argument("--shape", type=int, nargs=3, default=None, metavar=("D", "H", "W"), help="grid size in voxels")
+    q.add_argument("--workers", type=int, default=1, help="processes generating subjects in parallel")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_role_cohort)
 
     q = sub.add_parser("build-corpus", help="preprocess scans into a cached pretraining corpus with an index")
     q.add_argument("src", nargs="+", help="folders of NIfTI files, fetched dataset folders or *_dataset.json files")
@@ -238,6 +254,28 @@ def cmd_generate_phantoms(args) -> int:
     json_path, cfg = _generate(out, overrides, progress=not args.no_progress)
     grid = "x".join(str(s) for s in cfg.shape)
     print(f"generated {cfg.n_subjects} subjects ({grid} voxels at {cfg.spacing_mm:g} mm) in {out}: {json_path}")
+    return 0
+
+
+def cmd_role_cohort(args) -> int:
+    from ..data.cohorts import COHORT_ROLES, generate_role_cohort
+
+    if args.role not in COHORT_ROLES:
+        raise DinoregError(f"Unknown cohort role '{args.role}'; choose from {', '.join(COHORT_ROLES)}.")
+    if args.n_subjects < 2:
+        raise DinoregError(f"--n-subjects {args.n_subjects} must be at least 2 (pairs are between subjects).")
+    if args.spacing is not None and not args.spacing > 0:
+        raise DinoregError(f"--spacing {args.spacing} must be a positive number of mm.")
+    if args.shape is not None and min(args.shape) < 8:
+        raise DinoregError(f"--shape {' '.join(map(str, args.shape))} must be at least 8 voxels along every axis.")
+    kw = {"workers": max(1, args.workers)}
+    if args.spacing is not None:
+        kw["spacing_mm"] = args.spacing
+    if args.shape is not None:
+        kw["shape"] = tuple(args.shape)
+    out = Path(args.out)
+    json_path = generate_role_cohort(out, args.role, args.n_subjects, progress=not args.no_progress, **kw)
+    print(f"generated the {args.role} cohort ({args.n_subjects} subjects) in {out}: {json_path}")
     return 0
 
 
