@@ -39,15 +39,25 @@ wheel-check: setup
 reproduce: setup
 	$(BIN)/dinoreg reproduce --profile demo
 
-# Retrain the shipped demo weights (dinoreg_core/weights/dino3d_demo.*): the 16-subject synthetic CT+MR cohort of
-# seed 1000 (never used for evaluation), then `dinoreg pretrain --config demo` (700 steps, 16 CPU minutes measured on one
-# thread). Resumable: rerun the same command after an interruption.
+# Retrain the shipped demo weights (dinoreg_core/weights/dino3d_demo.*), in two stages, both resumable (rerun the same
+# command after an interruption):
+#  1. the 16-subject synthetic CT+MR cohort of seed 1000 (never used for evaluation), then `dinoreg pretrain --config
+#     demo` (700 steps; 16 CPU minutes measured on one thread): results/pretrain/demo_run3/;
+#  2. fine-tuning of stage 1 on the streamed two-appearance phantoms (`--config stream`, pretrain role seed 14001) at
+#     lr 2e-4 for STREAM_STEPS steps, scored every 100 steps by registering the validation cohort (role seed 14003,
+#     4 mm), the best step exported as best_backbone.*: results/pretrain/p14/ (run v4).
+STREAM_STEPS ?= 1200
 demo-weights: setup
 	# a CT and a co-registered MR of each subject (no breathing or pose change between them): the demo config pairs them
 	$(BIN)/dinoreg data generate-phantoms --out runs/demo_pretrain/paired_cohort --n-subjects 16 --seed 1000 \
 		--set mr_fraction=1.0 --set "mr_breath_change_mm=[0,0]" --set mr_pose_mm=0 --set mr_pose_deg=0
 	OMP_NUM_THREADS=1 $(BIN)/dinoreg pretrain --config demo --data runs/demo_pretrain/paired_cohort --out runs/demo_pretrain/run --resume
-	@echo "weights: runs/demo_pretrain/run/teacher_backbone.safetensors (+ .json); copy them to dinoreg_core/weights/dino3d_demo.*"
+	$(BIN)/dinoreg data cohort --role validation --out runs/demo_pretrain/validation --n-subjects 4 --spacing 4 --shape 96 78 84
+	OMP_NUM_THREADS=1 $(BIN)/dinoreg pretrain --config stream --data stream --out runs/demo_pretrain/stream --resume \
+		--set init_backbone=runs/demo_pretrain/run/teacher_backbone.safetensors --set steps=$(STREAM_STEPS) \
+		--set lr=0.0002 --set warmup_steps=50 --set stream.pool_size=16 --set stream.new_every=16 \
+		--set val.every=100 --set val.data=runs/demo_pretrain/validation/SynthValidation_dataset.json --set val.pairs_per_task=1
+	@echo "weights: runs/demo_pretrain/stream/best_backbone.safetensors (+ .json), the best validation step; copy them to dinoreg_core/weights/dino3d_demo.*"
 
 bench: setup
 	$(BIN)/python bench/convex_adam_vs_official.py

@@ -228,7 +228,7 @@ def real_pair_rows(folder: Path, rows_plan, cfg: ProtocolConfig, done: set, rows
     for m, p in todo:
         res, _ = register_row(pair, m, p, cfg)
         _append(rows_path, pair_rows(dataset, "real_mrct", "real", m, p, res, pair.fixed.spacing, cfg.tag))
-        log.info(f"{dataset} {row_name(m, p)}: Dice {np.nanmean([r['dice'] for r in res.metrics['labels']]):.3f}")
+        log.info(f"{dataset} {row_name(tagged(m, cfg.tag), p)}: Dice {np.nanmean([r['dice'] for r in res.metrics['labels']]):.3f}")
 
 
 def initial_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -318,7 +318,7 @@ def run_protocol(out, cfg: ProtocolConfig, *, progress: bool = True) -> dict:
                 res, _ = register_row(pair, m, p, cfg)
                 _append(rows_path, pair_rows(dataset, e["task"], pair_name, m, p, res, pair.fixed.spacing, cfg.tag))
                 bar.update(1)
-                bar.set_postfix_str(f"{e['task']} {row_name(m, p)} "
+                bar.set_postfix_str(f"{e['task']} {row_name(tagged(m, cfg.tag), p)} "
                                     f"{np.nanmean([r['dice'] for r in res.metrics['labels']]):.3f}")
         bar.close()
         if cfg.real_pair:
