@@ -37,11 +37,14 @@ def test_memory_estimate_grows_with_tokens_and_blocks():
 
 
 def test_too_large_volume_falls_back_to_sliding_windows():
-    e = ExtractConfig(memory_budget_gb=SMALL_BUDGET, progress=False)
+    e = ExtractConfig(memory_budget_gb=SMALL_BUDGET, progress=False, overlap=0.5)
     plan = plan_extraction(CFG, (64, 64, 64), e)
     assert plan.mode == "sliding" and plan.window == (8, 8, 8)
     assert len(plan.starts) == 27 and plan.est_bytes <= SMALL_BUDGET * 1024 ** 3
-    assert plan_extraction(CFG, (64, 64, 64), ExtractConfig(memory_budget_gb=4.0)).mode == "full"
+    # the default overlap 0 tiles the 16^3 token grid with 2 x 2 x 2 windows of 8^3
+    tiles = plan_extraction(CFG, (64, 64, 64), ExtractConfig(memory_budget_gb=SMALL_BUDGET))
+    assert sorted(tiles.starts) == [(a, b, c) for a in (0, 8) for b in (0, 8) for c in (0, 8)]
+    assert plan_extraction(CFG, (64, 64, 64), ExtractConfig(memory_budget_gb=4.0, mode="memory")).mode == "full"
     # every token is covered by some window
     cover = torch.zeros(16, 16, 16, dtype=torch.bool)
     for s in plan.starts:
@@ -66,8 +69,8 @@ def test_sliding_windows_close_to_full_volume_in_the_interior_for_a_random_vit()
     """Measured: relative L2 difference 2.2-2.4 %, cosine >= 0.9989 (3 seeds); asserted with margin."""
     m = _model(seed=1)
     x = torch.rand(1, 1, 64, 64, 64)
-    full = extract_features(m, x, ExtractConfig(progress=False))
-    win = extract_features(m, x, ExtractConfig(memory_budget_gb=SMALL_BUDGET, progress=False))
+    full = extract_features(m, x, ExtractConfig(progress=False, mode="full"))
+    win = extract_features(m, x, ExtractConfig(memory_budget_gb=SMALL_BUDGET, progress=False, overlap=0.5))
     inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
     rel = ((win - full)[inner].norm() / full[inner].norm()).item()
     cos = torch.nn.functional.cosine_similarity(win[inner], full[inner], dim=1)
@@ -157,9 +160,12 @@ def test_auto_mode_picks_windows_only_when_much_cheaper():
     # attention is quadratic: a 48x40x64 token grid costs far more in one pass than in 16^3-token windows
     big = plan_extraction(tiny, (192, 160, 256), ExtractConfig())
     assert big.mode == "sliding" and big.cost["full"] > SLIDING_MIN_GAIN * big.cost["sliding"]
-    # a volume of two windows per axis: windows not cheap enough to give up the global view
-    small = plan_extraction(CFG, (64, 64, 64), ExtractConfig())
+    # a volume of two windows per axis at overlap 0.5 (27 windows): not cheap enough to give up the global view;
+    # tiled without overlap (8 windows, the default) they are
+    small = plan_extraction(CFG, (64, 64, 64), ExtractConfig(overlap=0.5))
     assert small.mode == "full" and small.cost["full"] < SLIDING_MIN_GAIN * small.cost["sliding"]
+    tiled = plan_extraction(CFG, (64, 64, 64), ExtractConfig())
+    assert tiled.mode == "sliding" and len(tiled.starts) == 8
     assert plan_extraction(tiny, (192, 160, 256), ExtractConfig(mode="memory")).mode == "full"
     assert estimate_cost(CFG, (8, 8, 8), 2) == 2 * estimate_cost(CFG, (8, 8, 8))
     with pytest.raises(DinoregError, match="extraction mode"):

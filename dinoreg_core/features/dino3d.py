@@ -7,7 +7,7 @@ Options (``options`` dict of the registry call; all optional):
   :mod:`dinoreg_core.models.primus_keys`, student backbone). Default: the demo weights
   ``dinoreg_core/weights/dino3d_demo.safetensors`` when they exist.
 * ``blocks``: block index or indices (int, list, or a string such as ``"-1"`` / ``"-2,-1"``); default the last.
-* ``memory_budget_gb`` (default 4.0), ``window`` (voxels), ``overlap`` (0.5), ``blend`` ("gaussian"),
+* ``memory_budget_gb`` (default 4.0), ``window`` (voxels), ``overlap`` (0: windows tile the volume), ``blend`` ("gaussian"),
   ``fit`` ("resample"), ``progress`` (True): see :class:`dinoreg_core.features.extract.ExtractConfig`.
 * Spacing awareness (:func:`spacing_aware_input`): ``spacing_mm`` — the image's voxel size (mm; one number or
   three, "2" or "2,2,3"); ``spacing_aware`` (default True) — when the image spacing is known and the weights
