@@ -121,3 +121,29 @@ def test_protocol_tag_names_rows_and_keeps_them_apart(cohorts, tmp_path):
     b = pd.read_csv(out / "rows.csv")
     # the setting reached the registration: a 2x lambda gives another field than the plain run
     assert not np.allclose(b.sort_values("label")["sdlogj"].to_numpy(), rows.sort_values("label")["sdlogj"].to_numpy())
+
+
+def test_tag_table_pairs_tagged_rows_with_their_untagged_rows():
+    """versus_untagged: dino3d@v4[official] against dino3d[official] on the shared pairs, hand-computed mean
+    difference and the exact two-sided Wilcoxon p of 6 pairs that all improve (2 / 2^6 = 0.03125)."""
+    from dinoreg_core.evaluation.protocol import tag_tables, untagged_name
+
+    assert untagged_name("dino3d@v4[official]") == "dino3d[official]"
+    assert untagged_name("dino3d+mind@v4[tuned]") == "dino3d+mind[tuned]"
+    assert untagged_name("mind[official]") is None
+    base = [0.30, 0.40, 0.35, 0.50, 0.45, 0.20]
+    gain = [0.01, 0.02, 0.03, 0.04, 0.05, 0.06]
+    rows = []
+    for i, (b, g) in enumerate(zip(base, gain)):
+        for method, d in (("dino3d[official]", b), ("dino3d@v4[official]", b + g), ("mind[official]", 0.9)):
+            for label in (1, 2):        # two organs with the same Dice: the pair's mean is d
+                rows.append({"dataset": "D", "task": "ctct", "pair": f"p{i}", "method": method, "label": label,
+                             "label_name": f"organ{label}", "dice": d, "dice_initial": 0.1, "hd95_mm": np.nan,
+                             "sdlogj": 0.1, "folding_pct": 0.0, "runtime_s": 1.0})
+    t = tag_tables(pd.DataFrame(rows))
+    assert list(t["method"]) == ["dino3d@v4[official]"]
+    r = t.iloc[0]
+    assert r["reference"] == "dino3d[official]" and r["pairs"] == 6
+    assert r["dice_diff_vs_ref"] == pytest.approx(np.mean(gain))
+    assert r["wilcoxon_p_vs_ref"] == pytest.approx(0.03125)
+    assert tag_tables(pd.DataFrame([x for x in rows if "@" not in x["method"]])).empty

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -260,14 +261,43 @@ def tables(df: pd.DataFrame, presets) -> tuple[pd.DataFrame, pd.DataFrame]:
     return res, organ
 
 
+def untagged_name(row: str) -> str | None:
+    """``dino3d[official]`` for the tagged row ``dino3d@v4[official]``; None for an untagged row."""
+    m = re.fullmatch(r"(.+?)@[^\[\]]+\[(.+)\]", row)
+    return row_name(m.group(1), m.group(2)) if m else None
+
+
+def tag_tables(df: pd.DataFrame) -> pd.DataFrame:
+    """Every tagged row (other weights, ``--tag``) against its untagged row of the same method and preset, per task:
+    pairs, means and the paired Wilcoxon of per-pair Dice (tagged - untagged); empty without tagged rows."""
+    from .tables import results_table
+
+    parts = []
+    for row in dict.fromkeys(df["method"].tolist()):
+        base = untagged_name(row)
+        if base is None or base not in set(df["method"]):
+            continue
+        t = results_table(df[df["method"].isin([row, base])], reference=base, metrics=("dice", "sdlogj",
+                                                                                       "folding_pct", "runtime_s"))
+        parts.append(t[t["method"] == row])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
 def write_tables(out: Path, df: pd.DataFrame, presets, title: str) -> dict:
-    """``results.csv|md`` and ``per_organ.csv|md`` of the tidy rows in ``out``."""
+    """``results.csv|md`` and ``per_organ.csv|md`` of the tidy rows in ``out``; ``versus_untagged.csv|md`` too when
+    there are tagged rows (``tag_tables``)."""
     from .tables import format_per_organ, format_results, write_table
 
     res, organ = tables(df, presets)
     a = write_table(res, format_results(res), out / "results", title=title)
     b = write_table(organ, format_per_organ(organ), out / "per_organ", title=title + ": Dice per organ")
-    return {"results": a, "per_organ": b}
+    files = {"results": a, "per_organ": b}
+    tt = tag_tables(df)
+    if len(tt):
+        files["versus_untagged"] = write_table(tt, format_results(tt), out / "versus_untagged",
+                                               title=title + ": tagged rows against the same method and preset "
+                                                             "untagged (reference = the untagged row)")
+    return files
 
 
 def run_protocol(out, cfg: ProtocolConfig, *, progress: bool = True) -> dict:

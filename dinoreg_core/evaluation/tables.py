@@ -129,13 +129,16 @@ HEADERS = {"dice": "Dice", "hd95_mm": "HD95 (mm)", "sdlogj": "SDlogJ", "folding_
 
 def format_results(table: pd.DataFrame) -> pd.DataFrame:
     """The results table as strings: ``mean ± sd`` per metric and the Wilcoxon p-value vs the reference."""
+    refs = set(table["reference"]) if "reference" in table.columns else set()
     rows = []
     for _, r in table.iterrows():
         row = {"dataset": r["dataset"], "method": r["method"], "pairs": int(r["pairs"])}
+        if len(refs) > 1:  # one reference per row (e.g. tagged rows against their untagged rows): its own column
+            row["reference"] = r["reference"]
         for c, nd in DIGITS.items():
             if f"{c}_mean" in table.columns:
                 row[HEADERS[c]] = _pm(r[f"{c}_mean"], r[f"{c}_sd"], nd)
-        ref = r.get("reference") or "reference"
+        ref = (r.get("reference") if len(refs) == 1 else "") or "reference"
         row[f"ΔDice vs {ref}"] = "" if not math.isfinite(r["dice_diff_vs_ref"]) else f"{r['dice_diff_vs_ref']:+.3f}"
         row[f"Wilcoxon p vs {ref}"] = _p(r["wilcoxon_p_vs_ref"])
         rows.append(row)
