@@ -89,6 +89,10 @@ def test_protocol_writes_tables_and_resumes(cohorts, tmp_path):
     assert len(pd.read_csv(tmp_path / "p" / "rows.csv")) == len(rows)
     organ = pd.read_csv(files["per_organ"]["csv"])
     assert "mind[official]_mean" in organ.columns and organ["label_name"].str.len().min() > 1
+    summ = pd.read_csv(files["summary"]["csv"]).set_index("row")     # the wide table: the same numbers
+    r = res[res["method"] == "intensity[official]"].iloc[0]
+    assert summ.loc["intensity[official]", r["dataset"]].startswith(f"{r['dice_mean']:.3f} (1), {r['dice_diff_vs_ref']:+.3f}")
+    assert summ.loc["mind[official]", r["dataset"]] == f"{res[(res['method'] == 'mind[official]') & (res['dataset'] == r['dataset'])].iloc[0]['dice_mean']:.3f} (1)"
 
 
 def test_protocol_tag_names_rows_and_keeps_them_apart(cohorts, tmp_path):

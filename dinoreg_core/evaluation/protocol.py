@@ -283,6 +283,21 @@ def tag_tables(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+def summary_table(res: pd.DataFrame) -> pd.DataFrame:
+    """The results table wide, as strings: one line per row (``method[preset]``), one column per dataset (task) with
+    ``mean Dice (pairs)`` and, where the row has a reference, ``Δ`` and the paired Wilcoxon p against it."""
+    from .tables import format_p
+
+    cols = list(dict.fromkeys(res["dataset"].tolist()))
+    out = {}
+    for _, r in res.iterrows():
+        cell = f"{r['dice_mean']:.3f} ({int(r['pairs'])})"
+        if np.isfinite(r.get("dice_diff_vs_ref", np.nan)):
+            cell += f", {r['dice_diff_vs_ref']:+.3f} p {format_p(r['wilcoxon_p_vs_ref'])}"
+        out.setdefault(r["method"], {})[r["dataset"]] = cell
+    return pd.DataFrame([{"row": m, **{c: v.get(c, "") for c in cols}} for m, v in out.items()])
+
+
 def write_tables(out: Path, df: pd.DataFrame, presets, title: str) -> dict:
     """``results.csv|md`` and ``per_organ.csv|md`` of the tidy rows in ``out``; ``versus_untagged.csv|md`` too when
     there are tagged rows (``tag_tables``)."""
@@ -292,6 +307,8 @@ def write_tables(out: Path, df: pd.DataFrame, presets, title: str) -> dict:
     a = write_table(res, format_results(res), out / "results", title=title)
     b = write_table(organ, format_per_organ(organ), out / "per_organ", title=title + ": Dice per organ")
     files = {"results": a, "per_organ": b}
+    files["summary"] = write_table(summary_table(res), summary_table(res), out / "summary",
+                                   title=title + ": mean Dice (pairs), Δ and Wilcoxon p vs mind[same preset]")
     tt = tag_tables(df)
     if len(tt):
         files["versus_untagged"] = write_table(tt, format_results(tt), out / "versus_untagged",

@@ -116,7 +116,8 @@ def _pm(mean: float, sd: float, nd: int) -> str:
     return f"{mean:.{nd}f} ± {sd:.{nd}f}"
 
 
-def _p(p: float) -> str:
+def format_p(p: float) -> str:
+    """A p-value as text: two significant digits, scientific below 1e-3, empty when undefined."""
     if p is None or not math.isfinite(p):
         return ""
     return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
@@ -140,7 +141,7 @@ def format_results(table: pd.DataFrame) -> pd.DataFrame:
                 row[HEADERS[c]] = _pm(r[f"{c}_mean"], r[f"{c}_sd"], nd)
         ref = (r.get("reference") if len(refs) == 1 else "") or "reference"
         row[f"ΔDice vs {ref}"] = "" if not math.isfinite(r["dice_diff_vs_ref"]) else f"{r['dice_diff_vs_ref']:+.3f}"
-        row[f"Wilcoxon p vs {ref}"] = _p(r["wilcoxon_p_vs_ref"])
+        row[f"Wilcoxon p vs {ref}"] = format_p(r["wilcoxon_p_vs_ref"])
         rows.append(row)
     return pd.DataFrame(rows)
 
