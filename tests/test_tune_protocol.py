@@ -151,3 +151,28 @@ def test_tag_table_pairs_tagged_rows_with_their_untagged_rows():
     assert r["dice_diff_vs_ref"] == pytest.approx(np.mean(gain))
     assert r["wilcoxon_p_vs_ref"] == pytest.approx(0.03125)
     assert tag_tables(pd.DataFrame([x for x in rows if "@" not in x["method"]])).empty
+
+
+def test_protocol_refuses_to_resume_with_other_weights(tmp_path):
+    """protocol.json records the sha256 of the dino3d weights of every weighted row; resuming the same folder with a
+    changed weights file (e.g. the demo weights replaced in between) is refused in one sentence."""
+    from dinoreg_core.evaluation.protocol import check_same_weights, weights_used
+
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(b"weights a")
+    b.write_bytes(b"weights b")
+    cfg = ProtocolConfig(methods=("mind", "dino3d", "dino3d+mind"), presets=("official",), tasks=("ctct",),
+                         method_settings={"dino3d": {"feat.weights": str(a)}, "dino3d+mind": {"feat.weights": str(a)}})
+    used = weights_used(cfg)
+    assert set(used) == {"dino3d", "dino3d+mind"} and used["dino3d"]["sha256"] == used["dino3d+mind"]["sha256"]
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "protocol.json").write_text(json.dumps({"weights": used}))
+    (out / "rows.csv").write_text("dataset\n")
+    check_same_weights(out, used)                                 # the same weights: resumes
+    cfg_b = ProtocolConfig(methods=("dino3d",), presets=("official",), tasks=("ctct",),
+                           method_settings={"dino3d": {"feat.weights": str(b)}})
+    with pytest.raises(DinoregError, match="differ from the ones the rows"):
+        check_same_weights(out, weights_used(cfg_b))
+    b.write_bytes(b"weights a")                                   # another path, the same bytes: the same weights
+    check_same_weights(out, weights_used(cfg_b))

@@ -137,6 +137,36 @@ def _feature_options(settings: dict) -> dict:
     return {"weights": w} if w else {}
 
 
+WEIGHTED_METHODS = ("dino3d", "dino3d+mind")  # rows whose numbers depend on a dino3d weights file
+
+
+def weights_used(cfg: "ProtocolConfig") -> dict:
+    """{method: {"path", "sha256"}} of the dino3d weights each weighted method of ``cfg`` runs with (``feat.weights``,
+    else the demo weights): recorded in ``protocol.json`` so a resumed run cannot mix rows of two weights files."""
+    from ..features.dino3d import DEFAULT_WEIGHTS
+    from ..outputs import sha256
+
+    out = {}
+    for m in cfg.methods:
+        if m in WEIGHTED_METHODS:
+            w = Path(str(_feature_options(cfg.method_settings.get(m, {})).get("weights") or DEFAULT_WEIGHTS))
+            out[m] = {"path": str(w), "sha256": sha256(w) if w.is_file() else None}
+    return out
+
+
+def check_same_weights(out: Path, used: dict) -> None:
+    """Refuse to resume ``out`` when a weighted method's weights file changed since its rows were written."""
+    p = out / "protocol.json"
+    if not (p.is_file() and (out / "rows.csv").is_file()):
+        return
+    before = json.loads(p.read_text()).get("weights") or {}
+    for m, w in used.items():
+        old = before.get(m)
+        if old and old.get("sha256") and old["sha256"] != w["sha256"]:
+            raise DinoregError(f"The {m} weights {w['path']} differ from the ones the rows in {out} were made with "
+                               f"({old['path']}, sha256 {old['sha256'][:12]}); use another --out or --tag.")
+
+
 def tagged(method: str, tag: str = "") -> str:
     """``dino3d@v4``: the method's name in the rows when the protocol runs with a tag."""
     return f"{method}@{tag}" if tag else method
@@ -340,9 +370,11 @@ def run_protocol(out, cfg: ProtocolConfig, *, progress: bool = True) -> dict:
     names_of = {(m, p): row_name(tagged(m, cfg.tag), p) for m, p in plan}
     presets_used = {names_of[m, p]: load_preset(m, p, _feature_options(cfg.method_settings.get(m, {}))).settings
                     for m, p in plan}
+    used = weights_used(cfg)
+    check_same_weights(out, used)
     write_json_atomic(out / "protocol.json", {"config": json.loads(json.dumps(asdict(cfg), default=str)),
                                               "cohort": str(jp), "rows": list(names_of.values()),
-                                              "notes": notes, "presets": presets_used})
+                                              "notes": notes, "presets": presets_used, "weights": used})
     meta = json.loads(Path(jp).read_text())
     cohort_name = meta.get("name", "cohort")
     names = {int(k): str(v) for k, v in (meta.get("labels") or {}).items() if str(k).isdigit()} or None
