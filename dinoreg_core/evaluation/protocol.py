@@ -329,15 +329,16 @@ def summary_table(res: pd.DataFrame) -> pd.DataFrame:
 
 
 def write_tables(out: Path, df: pd.DataFrame, presets, title: str) -> dict:
-    """``results.csv|md`` and ``per_organ.csv|md`` of the tidy rows in ``out``; ``versus_untagged.csv|md`` too when
-    there are tagged rows (``tag_tables``)."""
+    """``results.csv|md``, ``per_organ.csv|md`` and ``summary.csv|md`` of the tidy rows in ``out``;
+    ``versus_untagged.csv|md`` too when there are tagged rows (``tag_tables``)."""
     from .tables import format_per_organ, format_results, write_table
 
     res, organ = tables(df, presets)
     a = write_table(res, format_results(res), out / "results", title=title)
     b = write_table(organ, format_per_organ(organ), out / "per_organ", title=title + ": Dice per organ")
     files = {"results": a, "per_organ": b}
-    files["summary"] = write_table(summary_table(res), summary_table(res), out / "summary",
+    summ = summary_table(res)  # already strings: the numbers file and the formatted one are the same table
+    files["summary"] = write_table(summ, summ, out / "summary",
                                    title=title + ": mean Dice (pairs), Δ and Wilcoxon p vs mind[same preset]")
     tt = tag_tables(df)
     if len(tt):
