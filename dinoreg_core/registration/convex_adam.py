@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from ..filters import box_filter
 from .adam_objective import TrilinearSSD, diffusion_, smooth3_
+from .adam_update import AdamUpdate
 from .warp import identity_grid, sample, voxel_to_normalized
 
 
@@ -307,21 +308,21 @@ def adam_refine_autograd(pf: torch.Tensor, pm: torch.Tensor, init: torch.Tensor,
     with torch.no_grad():
         param0 = F.interpolate(init, size=coarse, mode="trilinear", align_corners=False) / g
     param = param0.clone().requires_grad_(True)
-    opt = torch.optim.Adam([param], lr=cfg.lr)
+    opt = AdamUpdate([param], lr=cfg.lr)
     grid = identity_grid(coarse, pf.device, pf.dtype)
     nb = _sampling_batches(pf.device, coarse[0])
     pm_b = pm.expand(nb, -1, -1, -1, -1).contiguous()
     lam = cfg.lambda_weight
     best, stale = math.inf, 0
     for _ in range(cfg.iterations):
-        opt.zero_grad(set_to_none=True)
+        param.grad = None
         u = _smooth3(param)
         reg = (lam * ((u[:, :, 1:] - u[:, :, :-1]) ** 2).mean() + lam * ((u[:, :, :, 1:] - u[:, :, :, :-1]) ** 2).mean()
                + lam * ((u[..., 1:] - u[..., :-1]) ** 2).mean())
         warped = _sample_batched(pm_b, grid + u, nb)
         objective = ((warped - pf) ** 2).mean() * cfg.cost_scale + reg
         objective.backward()
-        opt.step()
+        opt.step([param.grad])
         value = float(objective.detach())
         if log is not None:
             log.append(value)
@@ -341,7 +342,8 @@ def adam_refine(pf: torch.Tensor, pm: torch.Tensor, init: torch.Tensor, cfg: Con
     """Adam instance optimisation of a displacement on the ``grid_sp_adam`` grid.
 
     The objective (SSD of the features + ``lambda_weight`` x diffusion of the thrice box-smoothed parameters)
-    and its gradient are written out (:mod:`.adam_objective`); buffers are allocated once, before the loop.
+    and its gradient are written out (:mod:`.adam_objective`), and so is the Adam update (:mod:`.adam_update`);
+    buffers are allocated once, before the loop.
     ``adam_kernel="fused"``, the default; equals :func:`adam_refine_autograd` to float rounding.
 
     Args:
@@ -358,8 +360,7 @@ def adam_refine(pf: torch.Tensor, pm: torch.Tensor, init: torch.Tensor, cfg: Con
     storage = _STORAGE_DTYPES[cfg.feature_dtype] if pf.device.type == "cuda" else torch.float32
     with torch.no_grad():
         param = (F.interpolate(init, size=coarse, mode="trilinear", align_corners=False) / g).contiguous()
-    param.requires_grad_(True)
-    opt = torch.optim.Adam([param], lr=cfg.lr)
+    opt = AdamUpdate([param], lr=cfg.lr)
     ssd = TrilinearSSD(pm, pf, storage_dtype=storage)
     grid = identity_grid(coarse, pf.device, torch.float32).reshape(3, -1)
     u, tmp, grad_u = torch.empty_like(param), torch.empty_like(param), torch.empty_like(param)
@@ -373,8 +374,7 @@ def adam_refine(pf: torch.Tensor, pm: torch.Tensor, init: torch.Tensor, cfg: Con
             torch.add(grid, u.view(3, -1), out=coords)
             ssd_sum, _ = ssd(coords, scale, out=grad_u.view(3, -1))
             objective = ssd_sum * scale + diffusion_(u, grad_u, lam, tmp)
-            param.grad = smooth3_(grad_u, tmp)  # S is self-adjoint: d/dparam = S(d/du)
-            opt.step()
+            opt.step([smooth3_(grad_u, tmp)])  # S is self-adjoint: d/dparam = S(d/du)
             if log is not None:
                 log.append(objective)
             if cfg.early_stop_patience:

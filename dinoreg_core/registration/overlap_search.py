@@ -33,6 +33,7 @@ import torch
 from ..features.mind import mind_ssc
 from ..io import Volume
 from ..preprocess import foreground_mask, normalize_intensity, resample_spacing, resample_to
+from .adam_update import AdamUpdate
 from .warp import sample
 
 
@@ -243,14 +244,14 @@ def refine_affine(fixed: CoarseScan, moving: CoarseScan, t_world: np.ndarray, it
     b0 = torch.tensor(vox[:3, :3], dtype=torch.float32) @ centre + torch.tensor(vox[:3, 3], dtype=torch.float32)
     lin = torch.zeros(3, 3, requires_grad=True)
     dt = torch.zeros(3, requires_grad=True)
-    opt = torch.optim.Adam([lin, dt], lr=lr)
+    opt = AdamUpdate([lin, dt], lr=lr)
     scale_t = float(np.mean(fixed.vol.shape))
     eye = torch.eye(3)
     gram0 = float((a0.T @ a0).diagonal().mean())   # squared scale of the start (both grids share one spacing)
     gen = torch.Generator().manual_seed(int(seed))
     n_all = x.shape[1]
     for _ in range(iterations):
-        opt.zero_grad()
+        lin.grad, dt.grad = None, None
         a = a0 @ (torch.eye(3) + lin)
         b = b0 + dt * scale_t - a @ centre
         if n_points is not None and n_points < n_all:
@@ -264,7 +265,7 @@ def refine_affine(fixed: CoarseScan, moving: CoarseScan, t_world: np.ndarray, it
         # rotations are free; scaling and shear away from the start's (isotropic) scale are penalised
         loss = ssd + linear_penalty * ((a.T @ a / gram0 - eye) ** 2).sum()
         loss.backward()
-        opt.step()
+        opt.step([lin.grad, dt.grad])
     with torch.no_grad():
         a = (a0 @ (torch.eye(3) + lin)).double().numpy()
         b = (b0 + dt * scale_t).double().numpy() - a @ centre.double().numpy()
