@@ -63,10 +63,12 @@ def test_dino3d_cache_reuses_and_misses_on_option_or_weights_change(weights, tmp
     dino3d.dino3d_features(img, options={**opts, "blocks": "0"})
     dino3d.dino3d_features(img, options={**opts, "spacing_mm": 2.0})
     assert len(calls) == 4                                                # (+1 for `plain`, uncached)
+    dino3d.dino3d_features(img, options={**opts, "spacing_mm": 2.0, "spacing_aware": True})
+    assert len(calls) == 5                                                # resampled input: another entry
     st = os.stat(weights)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))        # "retrained" weights: new mtime
     dino3d.dino3d_features(img, options=opts)
-    assert len(calls) == 5
+    assert len(calls) == 6
 
 
 def test_unwritable_cache_folder_is_one_sentence(tmp_path):

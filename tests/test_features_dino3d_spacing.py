@@ -33,7 +33,7 @@ def _explicit_resample(img: np.ndarray, size) -> np.ndarray:
 def test_spacing_aware_equals_explicit_resampling_then_extraction(weights):
     torch.manual_seed(1)
     img = torch.rand(1, 1, 30, 24, 18)
-    opts = {"weights": str(weights), "spacing_mm": 2.0, "progress": False}   # 2 mm image, 3 mm model
+    opts = {"weights": str(weights), "spacing_mm": 2.0, "progress": False, "spacing_aware": True}  # 2 mm, 3 mm model
     aware = dino3d.dino3d_features(img, options=opts)
     # 60 x 48 x 36 mm at 3 mm, rounded to whole 4-voxel patches: 20 x 16 x 12 voxels -> 5 x 4 x 3 tokens
     assert aware.shape == (1, 48, 5, 4, 3)
@@ -47,7 +47,9 @@ def test_spacing_aware_equals_explicit_resampling_then_extraction(weights):
     off = dino3d.dino3d_features(img, options={**opts, "spacing_aware": False})
     same = dino3d.dino3d_features(img, options={**opts, "spacing_mm": "3,3,3"})
     no_spacing = dino3d.dino3d_features(img, options={"weights": str(weights), "progress": False})
-    for f in (off, same, no_spacing):
+    default = dino3d.dino3d_features(img, options={k: v for k, v in opts.items() if k != "spacing_aware"})
+    as_text = dino3d.dino3d_features(img, options={**opts, "spacing_aware": "off"})
+    for f in (off, same, no_spacing, default, as_text):
         torch.testing.assert_close(f, plain)
 
 

@@ -39,7 +39,7 @@ class Dino3DOptions:
     amp: bool | None = None  # bf16 autocast on CUDA
     mode: str | None = None  # extraction plan: auto | memory | full | sliding (ExtractConfig.mode)
     window_batch: int | None = None  # sliding windows per forward pass (ExtractConfig.window_batch)
-    spacing_aware: bool | None = None  # resample to the weights' training spacing first (default on)
+    spacing_aware: bool | None = None  # resample to the weights' training spacing first (default off)
     spacing_mm: Any = None  # the image's voxel size (mm; one value or three); the pipeline fills it in
     train_spacing_mm: Any = None  # override of the spacing the weights were trained at (mm)
     cache_dir: str | None = None  # on-disk feature cache (dinoreg_core.features.cache); None: no cache
