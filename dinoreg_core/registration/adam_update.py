@@ -41,8 +41,7 @@ class AdamUpdate:
         """One update; ``grads[i]`` has the shape of ``params[i]``."""
         beta1, beta2 = self.betas
         self.steps += 1
-        # torch keeps the step count in a float32 tensor and reads it back as a Python float
-        step = float(torch.tensor(float(self.steps), dtype=torch.float32).item())
+        step = float(self.steps)  # torch's float32 step counter holds the same value (exact below 2**24)
         bias_correction1 = 1 - beta1 ** step
         bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
         step_size = self.lr / bias_correction1
