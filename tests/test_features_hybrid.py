@@ -65,3 +65,31 @@ def test_zero_dino_weight_is_plain_mind_and_bad_weights_are_one_sentence(weights
             hybrid_weights(bad)
     with pytest.raises(DinoregError, match="one grid"):
         compute_pair_features("dino3d+mind", f, m[:, :, :10], options={"weights": str(weights)})
+
+
+def test_the_pipeline_hands_the_image_spacing_to_the_hybrid_learned_part(tmp_path):
+    """``feat.spacing_aware`` reaches the dino3d part of ``dino3d+mind`` (it once did not: the hybrid declared no
+    options, so the pipeline never filled in the image spacing and the switch was silently ignored)."""
+    import numpy as np
+
+    from dinoreg_core import io
+    from dinoreg_core.pipeline.methods import get_registration_method
+
+    torch.manual_seed(0)
+    w = save_backbone(ViT3D(CFG), CFG, tmp_path / "bb3", {"pretrain_config": {"spacing_mm": 3.0}})
+    torch.manual_seed(4)
+    f = F.avg_pool3d(torch.rand(1, 1, 24, 24, 24), 3, 1, 1)[0, 0].numpy()
+    m = np.roll(f, 2, axis=0) * 0.9 + 0.05
+    run = get_registration_method("dino3d+mind").run
+
+    def disp(spacing_mm: float, aware: bool) -> np.ndarray:
+        aff = np.diag([spacing_mm] * 3 + [1.0])
+        opts = {"feat": {"weights": str(w), "progress": False, "spacing_aware": aware, "dino_weight": 4.0},
+                "iterations": 5}
+        out = run(io.Volume(f, aff), io.Volume(m, aff), fixed_modality="ct", moving_modality="ct", options=opts)
+        return np.asarray(out.displacement)
+
+    # a 2 mm image meets the 3 mm model resampled when the switch is on: another field
+    assert np.abs(disp(2.0, True) - disp(2.0, False)).max() > 1e-4
+    # at the training spacing the switch changes nothing
+    np.testing.assert_allclose(disp(3.0, True), disp(3.0, False), atol=1e-6)

@@ -49,6 +49,7 @@ class PairFeatureMethod(FeatureMethod):
     """A feature method that needs both images at once (see the module docstring)."""
 
     extract_pair: Callable = None  # type: ignore[assignment]
+    learned: str = ""  # registry name of the learned part ("dino3d", "dinov2"); its options pass through
 
 
 def hybrid_weights(options: dict) -> tuple[float, float]:
@@ -130,4 +131,5 @@ for _learned in ("dino3d", "dinov2"):
         _name, _per_image_refusal(_name), joint_pca=False,
         description=f"MIND-SSC (12 ch) beside {_learned} joint-PCA channels, weighted by mind_weight / "
                     "dino_weight (x std of MIND)",
-        extract_pair=lambda fixed, moving, _l=_learned, **kw: hybrid_pair(_l, fixed, moving, **kw)))
+        extract_pair=lambda fixed, moving, _l=_learned, **kw: hybrid_pair(_l, fixed, moving, **kw),
+        learned=_learned))

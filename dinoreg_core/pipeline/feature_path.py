@@ -93,13 +93,16 @@ def compute_features(method_name: str, fixed_img: np.ndarray, moving_img: np.nda
 
 
 def _declared_options(features: str) -> set[str]:
-    """Names of the feature options method ``features`` declares (empty when it declares none)."""
+    """Names of the feature options method ``features`` declares (empty when it declares none); for a hybrid
+    (``dino3d+mind``) also those of its learned part, which receives them unchanged."""
     from dataclasses import fields
 
-    from ..features.registry import options_class
+    from ..features.registry import get_feature_method, options_class
 
     cls = options_class(features)
-    return {f.name for f in fields(cls)} if cls is not None else set()
+    names = {f.name for f in fields(cls)} if cls is not None else set()
+    learned = getattr(get_feature_method(features), "learned", "")
+    return names | (_declared_options(learned) if learned else set())
 
 
 def _run(features: str):
