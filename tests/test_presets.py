@@ -180,3 +180,19 @@ def test_a_preset_file_written_by_tune_loads_and_installs(tmp_path, monkeypatch)
     assert config_from("mind", preset="default").convex.lambda_weight == 0.625
     with pytest.raises(DinoregError, match="finite"):
         presets.write_preset_file(tmp_path / "u.json", "mind", {"lambda_weight": float("nan")})
+
+
+def test_shipped_tuned_presets_record_their_spacing_and_the_2mm_ones_load():
+    """``tuned`` was searched on the 3 mm tuning cohort, ``tuned_2mm`` on the 2 mm one; both say so, and the 2 mm
+    one loads by name through the same path as every preset (a method without it is refused in one sentence)."""
+    for method in ("mind", "dino3d+mind"):
+        entries = presets.package_presets(method)["presets"]
+        assert entries["tuned"]["spacing_mm"] == 3.0 and entries["tuned_2mm"]["spacing_mm"] == 2.0
+        assert "tuning_2mm" in entries["tuned_2mm"]["tuning"]["dataset"]
+        assert "tuned_2mm" in presets.available_presets(method)
+        cfg = config_from(method, preset="tuned_2mm")
+        assert cfg.preset == "tuned_2mm"
+        assert cfg.convex.__dict__ != config_from(method, preset="tuned").convex.__dict__
+    assert config_from("mind", preset="tuned_2mm").convex.disp_hw == 2
+    with pytest.raises(DinoregError, match="no 'tuned_2mm' preset"):
+        config_from("intensity", preset="tuned_2mm")

@@ -39,7 +39,7 @@ def add_parser(sub) -> None:
                    help="comma-separated methods (default: intensity, mind, dino3d and dino3d+mind, those that can "
                         "run here)")
     p.add_argument("--preset", default="default", metavar="NAME|PATH",
-                   help="preset of every method: default (each method's own), official, authors, tuned or a file")
+                   help="preset of every method: default (each method's own), official, authors, tuned, tuned_2mm or a file")
     p.add_argument("--max-disp-mm", type=float, default=10.0, help="largest displacement of the known field (mm)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random field")
     p.add_argument("--data", default=None,

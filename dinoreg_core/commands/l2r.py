@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-zip", action="store_true", help="do not write submission.zip")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: cuda:LOCAL_RANK under torchrun)")
     p.add_argument("--preset", default="default", metavar="NAME|PATH",
-                   help="registration preset: official, authors, tuned or a preset JSON (default: the method's default)")
+                   help="registration preset: official, authors, tuned, tuned_2mm or a preset JSON (default: the method's default)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (see register)")
     p.set_defaults(func=run)
 

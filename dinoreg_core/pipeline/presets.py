@@ -17,7 +17,10 @@ Shipped presets (one file per method, ``dinoreg_core/presets/<method>.json``)::
   :class:`~dinoreg_core.registration.convex_adam.ConvexAdamConfig`; an empty settings object), for every method;
 * ``authors`` — the seed paper's published evaluation settings (EytanKats/med_ssl_3d ``configs/evaluate_*.yaml``)
   mapped onto our ConvexAdam; each entry's ``differs`` says what cannot be mapped exactly;
-* ``tuned`` — found by ``dinoreg tune`` (:mod:`dinoreg_core.evaluation.tune`) on the *tuning* cohort only.
+* ``tuned`` — found by ``dinoreg tune`` (:mod:`dinoreg_core.evaluation.tune`) on the *tuning* cohort only, at 3 mm;
+* ``tuned_2mm`` — the same search on the tuning cohort at 2 mm (192x160x256). ConvexAdam's ``disp_hw`` and
+  ``grid_sp`` count voxels, so a preset tuned at one spacing covers another extent in mm at another spacing; pick
+  the preset of the spacing closest to your scans (each entry's ``spacing_mm`` says which).
 
 How ``authors`` maps the published settings (EytanKats/med_ssl_3d ``configs/evaluate_*.yaml``,
 ``scripts/evaluate.py``) onto our ConvexAdam, and where it differs:
@@ -59,7 +62,7 @@ from pathlib import Path
 from ..errors import DinoregError
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "presets"  # dinoreg_core/presets/<method>.json
-PRESET_NAMES = ("official", "authors", "tuned")
+PRESET_NAMES = ("official", "authors", "tuned", "tuned_2mm")  # tuned_2mm: tuned on the 2 mm tuning cohort
 DEFAULT = "default"  # the method's default preset (the "default" entry of its file; "official" without one)
 WEIGHTS_KEY = "registration_presets"  # key of the presets inside a dino3d weights JSON
 WEIGHTS_METHODS = ("dino3d",)  # methods whose presets may travel inside their weights' JSON
