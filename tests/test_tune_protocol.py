@@ -61,6 +61,17 @@ def test_tune_resumes_and_writes_a_preset_that_loads(cohorts, tmp_path):
     assert again["settings"] == first["settings"]
     assert "iterations" not in first["settings"]                  # the held settings are not part of the preset
     assert load_preset("intensity", str(out)).settings == first["settings"]
+    assert first["spacing_mm"] == TINY["spacing_mm"]               # the grid the voxel-counted settings were found on
+
+
+def test_installing_a_tuned_preset_keeps_its_spacing(tmp_path, monkeypatch):
+    from dinoreg_core.pipeline import presets
+
+    monkeypatch.setattr(presets, "PRESET_DIR", tmp_path)
+    p = presets.write_preset_file(tmp_path / "t.json", "mind", {"disp_hw": 2}, source="test",
+                                  extra={"spacing_mm": 2.0})
+    presets.install_preset(p, name="tuned_2mm")
+    assert presets.package_presets("mind")["presets"]["tuned_2mm"]["spacing_mm"] == 2.0
 
 
 def test_tune_cli_refuses_bad_input(cohorts, tmp_path, capsys):

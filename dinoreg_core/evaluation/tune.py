@@ -117,6 +117,15 @@ def align_pairs(entries: list[dict]) -> list:
     return out
 
 
+def tuning_spacing_mm(pairs) -> float | list:
+    """The voxel spacing (mm) of the fixed scans the search ran on: one number when they are isotropic and equal
+    (ConvexAdam's ``disp_hw`` / ``grid_sp`` count voxels, so a preset is tied to it), else the list of (z,y,x)."""
+    spacings = sorted({tuple(round(float(v), 4) for v in p.fixed.spacing) for p in pairs})
+    if len(spacings) == 1 and len(set(spacings[0])) == 1:
+        return spacings[0][0]
+    return [list(s) for s in spacings]
+
+
 def score(pairs, entries, method: str, settings: dict, device: str = "cpu") -> dict:
     """Register every aligned pair with ``settings`` (``--set`` names, no preset under them) -> per-pair mean Dice
     over labels and the means of Dice, SDlogJ and folding (the pipeline's stages; no HD95, which the search does
@@ -241,7 +250,7 @@ def tune(dataset_json, out, cfg: TuneConfig, *, progress: bool = True) -> dict:
                     if rec["dice"] >= best["dice"] + cfg.min_gain:
                         current, best = {**current, param: v}, rec
     bar.close()
-    extra = {"name": "tuned", "search_log": log_path.name,
+    extra = {"name": "tuned", "search_log": log_path.name, "spacing_mm": tuning_spacing_mm(pairs),
              "objective": {"dice": best["dice"], "sdlogj": best["sdlogj"], "folding_pct": best["folding_pct"],
                            "per_pair": best["per_pair"]},
              "tuning": {"dataset": str(dataset_json), "start": start_name, "params": params,

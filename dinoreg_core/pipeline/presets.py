@@ -179,10 +179,10 @@ def from_file(method: str, path) -> Preset:
     if d.get("method") not in (None, method):
         raise DinoregError(f"The preset file {p} is for method '{d.get('method')}', not '{method}'.")
     unknown = sorted(set(d) - {"method", "name", "settings", "source", "search_log", "objective", "tuning",
-                               "differs"})
+                               "differs", "spacing_mm"})
     if unknown:
         raise DinoregError(f"The preset file {p} has the unknown entry '{unknown[0]}'; expected method, settings "
-                           f"(and name, source, search_log, objective, tuning, differs).")
+                           f"(and name, source, search_log, objective, tuning, differs, spacing_mm).")
     settings, source = _entry_settings(d, f"file {p}")
     return validate(Preset(method, str(p), settings, source, str(p)))
 
@@ -245,7 +245,7 @@ def install_preset(preset_path, *, name: str = "tuned", make_default: bool = Fal
         raise DinoregError(f"The preset file {preset_path} names no method.")
     p = from_file(method, preset_path)
     entry = {"settings": p.settings, "source": p.source}
-    for k in ("objective", "tuning"):
+    for k in ("objective", "tuning", "spacing_mm"):
         if k in d:
             entry[k] = d[k]
     pk = package_presets(method)
