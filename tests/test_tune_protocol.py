@@ -164,6 +164,31 @@ def test_tag_table_pairs_tagged_rows_with_their_untagged_rows():
     assert tag_tables(pd.DataFrame([x for x in rows if "@" not in x["method"]])).empty
 
 
+def test_preset_table_pairs_each_preset_with_the_official_row_of_its_method():
+    """versus_official: mind[tuned_2mm] and dino3d@x[tuned] against mind[official] / dino3d@x[official] on the shared
+    pairs; hand-computed mean difference and the exact two-sided Wilcoxon p of 5 pairs that all get worse (2/2^5)."""
+    from dinoreg_core.evaluation.protocol import official_name, preset_tables
+
+    assert official_name("mind[tuned_2mm]") == "mind[official]"
+    assert official_name("dino3d@fixedgrid[tuned]") == "dino3d@fixedgrid[official]"
+    assert official_name("mind[official]") is None and official_name("initial") is None
+    base = [0.60, 0.55, 0.70, 0.65, 0.50]
+    loss = [0.05, 0.04, 0.03, 0.02, 0.01]
+    rows = []
+    for i, (b, l) in enumerate(zip(base, loss)):
+        for method, d in (("mind[official]", b), ("mind[tuned_2mm]", b - l), ("dino3d@x[official]", b),
+                          ("dino3d@x[tuned]", b + l), ("intensity[tuned]", 0.3)):
+            rows.append({"dataset": "D", "task": "ctct", "pair": f"p{i}", "method": method, "label": 1,
+                         "label_name": "organ1", "dice": d, "dice_initial": 0.1, "hd95_mm": np.nan,
+                         "sdlogj": 0.1, "folding_pct": 0.0, "runtime_s": 1.0})
+    t = preset_tables(pd.DataFrame(rows)).set_index("method")
+    assert sorted(t.index) == ["dino3d@x[tuned]", "mind[tuned_2mm]"]   # intensity has no official row to pair with
+    assert t.loc["mind[tuned_2mm]", "reference"] == "mind[official]"
+    assert t.loc["mind[tuned_2mm]", "dice_diff_vs_ref"] == pytest.approx(-np.mean(loss))
+    assert t.loc["dino3d@x[tuned]", "dice_diff_vs_ref"] == pytest.approx(np.mean(loss))
+    assert t.loc["mind[tuned_2mm]", "wilcoxon_p_vs_ref"] == pytest.approx(0.0625)
+
+
 def test_protocol_refuses_to_resume_with_other_weights(tmp_path):
     """protocol.json records the sha256 of the dino3d weights of every weighted row; resuming the same folder with a
     changed weights file (e.g. the demo weights replaced in between) is refused in one sentence."""

@@ -313,6 +313,29 @@ def tag_tables(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
+def official_name(row: str) -> str | None:
+    """``mind[official]`` for ``mind[tuned_2mm]`` (a tag stays: ``dino3d@x[tuned]`` -> ``dino3d@x[official]``); None
+    for an ``official`` row or a name without a preset."""
+    m = re.fullmatch(r"(.+)\[([^\[\]]+)\]", row)
+    return row_name(m.group(1), "official") if m and m.group(2) != "official" else None
+
+
+def preset_tables(df: pd.DataFrame) -> pd.DataFrame:
+    """Every row with another preset against the same method (and tag) with its ``official`` preset, per task: does
+    tuning help? Pairs, means and the paired Wilcoxon of per-pair Dice (row - official); empty without such pairs."""
+    from .tables import results_table
+
+    parts = []
+    for row in dict.fromkeys(df["method"].tolist()):
+        base = official_name(row)
+        if base is None or base not in set(df["method"]):
+            continue
+        t = results_table(df[df["method"].isin([row, base])], reference=base, metrics=("dice", "sdlogj",
+                                                                                       "folding_pct", "runtime_s"))
+        parts.append(t[t["method"] == row])
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
 def summary_table(res: pd.DataFrame) -> pd.DataFrame:
     """The results table wide, as strings: one line per row (``method[preset]``), one column per dataset (task) with
     ``mean Dice (pairs)`` and, where the row has a reference, ``Δ`` and the paired Wilcoxon p against it."""
@@ -330,7 +353,8 @@ def summary_table(res: pd.DataFrame) -> pd.DataFrame:
 
 def write_tables(out: Path, df: pd.DataFrame, presets, title: str) -> dict:
     """``results.csv|md``, ``per_organ.csv|md`` and ``summary.csv|md`` of the tidy rows in ``out``;
-    ``versus_untagged.csv|md`` too when there are tagged rows (``tag_tables``)."""
+    ``versus_untagged.csv|md`` too when there are tagged rows (``tag_tables``), ``versus_official.csv|md`` when
+    there are rows of other presets beside their method's official row (``preset_tables``)."""
     from .tables import format_per_organ, format_results, write_table
 
     res, organ = tables(df, presets)
@@ -345,6 +369,11 @@ def write_tables(out: Path, df: pd.DataFrame, presets, title: str) -> dict:
         files["versus_untagged"] = write_table(tt, format_results(tt), out / "versus_untagged",
                                                title=title + ": tagged rows against the same method and preset "
                                                              "untagged (reference = the untagged row)")
+    pt = preset_tables(df)
+    if len(pt):
+        files["versus_official"] = write_table(pt, format_results(pt), out / "versus_official",
+                                               title=title + ": each preset against the same method's official "
+                                                             "preset (reference = the official row)")
     return files
 
 
