@@ -185,7 +185,7 @@ def test_a_preset_file_written_by_tune_loads_and_installs(tmp_path, monkeypatch)
 def test_shipped_tuned_presets_record_their_spacing_and_the_2mm_ones_load():
     """``tuned`` was searched on the 3 mm tuning cohort, ``tuned_2mm`` on the 2 mm one; both say so, and the 2 mm
     one loads by name through the same path as every preset (a method without it is refused in one sentence)."""
-    for method in ("mind", "dino3d+mind"):
+    for method in ("mind", "dino3d+mind", "dino3d", "intensity"):
         entries = presets.package_presets(method)["presets"]
         assert entries["tuned"]["spacing_mm"] == 3.0 and entries["tuned_2mm"]["spacing_mm"] == 2.0
         assert "tuning_2mm" in entries["tuned_2mm"]["tuning"]["dataset"]
@@ -194,5 +194,8 @@ def test_shipped_tuned_presets_record_their_spacing_and_the_2mm_ones_load():
         assert cfg.preset == "tuned_2mm"
         assert cfg.convex.__dict__ != config_from(method, preset="tuned").convex.__dict__
     assert config_from("mind", preset="tuned_2mm").convex.disp_hw == 2
+    from dinoreg_core.features.dino3d import DEFAULT_WEIGHTS
+    travelling = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())[presets.WEIGHTS_KEY]
+    assert travelling["tuned"]["spacing_mm"] == 3.0 and travelling["tuned_2mm"]["spacing_mm"] == 2.0
     with pytest.raises(DinoregError, match="no 'tuned_2mm' preset"):
-        config_from("intensity", preset="tuned_2mm")
+        config_from("dinov2", preset="tuned_2mm")

@@ -70,8 +70,11 @@ def test_installing_a_tuned_preset_keeps_its_spacing(tmp_path, monkeypatch):
     monkeypatch.setattr(presets, "PRESET_DIR", tmp_path)
     p = presets.write_preset_file(tmp_path / "t.json", "mind", {"disp_hw": 2}, source="test",
                                   extra={"spacing_mm": 2.0})
-    presets.install_preset(p, name="tuned_2mm")
+    weights_json = tmp_path / "w.json"
+    weights_json.write_text(json.dumps({"arch": "test"}))
+    presets.install_preset(p, name="tuned_2mm", weights_json=weights_json)
     assert presets.package_presets("mind")["presets"]["tuned_2mm"]["spacing_mm"] == 2.0
+    assert json.loads(weights_json.read_text())[presets.WEIGHTS_KEY]["tuned_2mm"]["spacing_mm"] == 2.0
 
 
 def test_tune_cli_refuses_bad_input(cohorts, tmp_path, capsys):

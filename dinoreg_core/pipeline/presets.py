@@ -257,7 +257,8 @@ def install_preset(preset_path, *, name: str = "tuned", make_default: bool = Fal
         wj = Path(weights_json)
         meta = _read_json(wj, "weights config")
         wp = meta.get(WEIGHTS_KEY) or {}
-        wp[name] = {"settings": p.settings, "source": p.source}
+        wp[name] = {"settings": p.settings, "source": p.source, **({"spacing_mm": d["spacing_mm"]}
+                                                                   if "spacing_mm" in d else {})}
         if make_default:
             wp["default"] = name
         meta[WEIGHTS_KEY] = wp
