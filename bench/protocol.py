@@ -39,12 +39,22 @@ def main(argv=None) -> int:
                    help="a setting of one method on top of every preset (repeatable), "
                         "e.g. dino3d:feat.weights=W.safetensors")
     p.add_argument("--tag", default="", help="name the rows method@TAG[preset] (e.g. other weights)")
+    p.add_argument("--rename", action="append", default=[], metavar="OLD=NEW",
+                   help="with --merge: name the rows OLD as NEW in the merged rows (repeatable; all at once, so two "
+                        "names can be swapped), e.g. when a default changed and a tag now names the old behaviour")
     p.add_argument("--tables-only", action="store_true")
     p.add_argument("--merge", nargs="+", metavar="DIR",
                    help="with --tables-only: first combine the rows.csv of these protocol folders into OUT/rows.csv "
                         "(one row per dataset, pair, method and label; the first folder wins)")
     a = p.parse_args(argv)
     setup_logging(0)
+    renames: dict = {}
+    for item in a.rename:
+        old, sep, new = item.partition("=")
+        if not (sep and old and new) or not a.merge:
+            print(f"protocol: error: --rename {item!r} is not OLD=NEW used with --merge.", file=sys.stderr)
+            return 2
+        renames[old] = new
     method_settings: dict = {}
     for item in a.set:
         head, sep, value = item.partition("=")
@@ -60,7 +70,9 @@ def main(argv=None) -> int:
     try:
         if a.tables_only and a.merge:
             parts = [pd.read_csv(Path(d) / "rows.csv") for d in a.merge if (Path(d) / "rows.csv").is_file()]
-            rows = pd.concat(parts, ignore_index=True).drop_duplicates(["dataset", "pair", "method", "label"])
+            rows = pd.concat(parts, ignore_index=True)
+            rows["method"] = rows["method"].map(lambda m: renames.get(m, m))
+            rows = rows.drop_duplicates(["dataset", "pair", "method", "label"])
             Path(a.out).mkdir(parents=True, exist_ok=True)
             rows.to_csv(Path(a.out) / "rows.csv", index=False, float_format="%.6g")
         if a.tables_only:

@@ -215,3 +215,37 @@ def test_protocol_refuses_to_resume_with_other_weights(tmp_path):
         check_same_weights(out, weights_used(cfg_b))
     b.write_bytes(b"weights a")                                   # another path, the same bytes: the same weights
     check_same_weights(out, weights_used(cfg_b))
+
+
+def test_bench_protocol_merge_renames_rows_all_at_once(tmp_path, capsys):
+    """bench/protocol.py --tables-only --merge A B --rename: rows of both folders combined (the first folder wins on
+    a duplicate), the names swapped in one pass (dino3d[official] -> dino3d@aware[official] and
+    dino3d@fixedgrid[official] -> dino3d[official]); a rename without --merge or '=' is refused, exit 2."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_protocol", Path(__file__).parents[1] / "bench" / "protocol.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def rows(methods_dice):
+        return pd.DataFrame([{"dataset": "D", "task": "ctct", "pair": f"p{i}", "method": m, "base_method": "dino3d",
+                              "preset": "official", "label": 1, "label_name": "liver", "dice": d + 0.01 * i,
+                              "dice_initial": 0.1, "hd95_mm": np.nan, "sdlogj": 0.1, "sdlogj_l2r": 0.1,
+                              "folding_pct": 0.0, "runtime_s": 1.0}
+                             for m, d in methods_dice for i in range(3)])
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    rows([("dino3d[official]", 0.5), ("mind[official]", 0.7)]).to_csv(a / "rows.csv", index=False)
+    rows([("dino3d@fixedgrid[official]", 0.6), ("mind[official]", 0.0)]).to_csv(b / "rows.csv", index=False)
+    out = tmp_path / "t"
+    assert bench.main(["--out", str(out), "--tables-only", "--presets", "official", "--merge", str(a), str(b),
+                       "--rename", "dino3d[official]=dino3d@aware[official]",
+                       "--rename", "dino3d@fixedgrid[official]=dino3d[official]"]) == 0
+    got = pd.read_csv(out / "rows.csv").groupby("method")["dice"].mean().round(6).to_dict()
+    assert got == {"dino3d@aware[official]": 0.51, "dino3d[official]": 0.61, "mind[official]": 0.71}
+    assert "dino3d@aware[official]" in (out / "versus_untagged.md").read_text()
+    capsys.readouterr()
+    assert bench.main(["--out", str(out), "--tables-only", "--rename", "x=y"]) == 2
+    assert bench.main(["--out", str(out), "--tables-only", "--merge", str(a), "--rename", "xy"]) == 2
+    assert "--rename" in capsys.readouterr().err

@@ -48,7 +48,7 @@ def add_parser(sub) -> None:
     p.add_argument("--preset", default="default", metavar="NAME|PATH",
                    help="the method's registration settings to start from: official (the official ConvexAdam MIND "
                         "defaults), authors (the seed paper's published settings), tuned (found by `dinoreg tune` at 3 mm), "
-                        "tuned_2mm (the same search at 2 mm; mind and dino3d+mind) or a preset JSON file; default: the method's default preset (see dinoreg_core/presets/)")
+                        "tuned_2mm (the same search at 2 mm; mind, dino3d, dino3d+mind, intensity) or a preset JSON file; default: the method's default preset (see dinoreg_core/presets/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting on top of the preset, repeatable: ConvexAdam (grid_sp=6, disp_hw=4, lambda_weight=1.25, "
                         "iterations=80, grid_sp_adam=2, ic=true, final_smooth=0, lr=1.0), pca_dim=12, feature_scale=1, seed=0, "
