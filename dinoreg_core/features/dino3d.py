@@ -160,8 +160,9 @@ def spacing_target_size(shape, spacing_mm, train_spacing_mm, patch_size: int) ->
     return tuple(out)
 
 
-# Off by default: on the 2 mm evaluation protocol (10 CT-CT pairs, v4 weights trained at 3 mm) resampling to the
-# training spacing lowered Dice from 0.585 to 0.541 (paired Wilcoxon p 0.002; results/protocol/2mm/versus_untagged.md).
+# Off by default: on the 2 mm evaluation protocol (v4 weights trained at 3 mm, 10 pairs per task) resampling to the
+# training spacing lowered Dice on CT-CT from 0.585 to 0.541 (paired Wilcoxon p 0.002) and on MR-MR from 0.516 to
+# 0.480 (p 0.0098; results/protocol/2mm/versus_untagged.md).
 DEFAULT_SPACING_AWARE = False
 
 
