@@ -297,20 +297,26 @@ def untagged_name(row: str) -> str | None:
     return row_name(m.group(1), m.group(2)) if m else None
 
 
-def tag_tables(df: pd.DataFrame) -> pd.DataFrame:
-    """Every tagged row (other weights, ``--tag``) against its untagged row of the same method and preset, per task:
-    pairs, means and the paired Wilcoxon of per-pair Dice (tagged - untagged); empty without tagged rows."""
+def _against(df: pd.DataFrame, reference_of) -> pd.DataFrame:
+    """Every row ``r`` with ``reference_of(r)`` present in ``df`` against that reference row, per task: pairs, means
+    and the paired Wilcoxon of per-pair Dice (row - reference); empty when no row has its reference."""
     from .tables import results_table
 
     parts = []
     for row in dict.fromkeys(df["method"].tolist()):
-        base = untagged_name(row)
+        base = reference_of(row)
         if base is None or base not in set(df["method"]):
             continue
         t = results_table(df[df["method"].isin([row, base])], reference=base, metrics=("dice", "sdlogj",
                                                                                        "folding_pct", "runtime_s"))
         parts.append(t[t["method"] == row])
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+def tag_tables(df: pd.DataFrame) -> pd.DataFrame:
+    """Every tagged row (other weights, ``--tag``) against its untagged row of the same method and preset, per task:
+    pairs, means and the paired Wilcoxon of per-pair Dice (tagged - untagged); empty without tagged rows."""
+    return _against(df, untagged_name)
 
 
 def official_name(row: str) -> str | None:
@@ -323,17 +329,7 @@ def official_name(row: str) -> str | None:
 def preset_tables(df: pd.DataFrame) -> pd.DataFrame:
     """Every row with another preset against the same method (and tag) with its ``official`` preset, per task: does
     tuning help? Pairs, means and the paired Wilcoxon of per-pair Dice (row - official); empty without such pairs."""
-    from .tables import results_table
-
-    parts = []
-    for row in dict.fromkeys(df["method"].tolist()):
-        base = official_name(row)
-        if base is None or base not in set(df["method"]):
-            continue
-        t = results_table(df[df["method"].isin([row, base])], reference=base, metrics=("dice", "sdlogj",
-                                                                                       "folding_pct", "runtime_s"))
-        parts.append(t[t["method"] == row])
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    return _against(df, official_name)
 
 
 def summary_table(res: pd.DataFrame) -> pd.DataFrame:
