@@ -257,8 +257,7 @@ def install_preset(preset_path, *, name: str = "tuned", make_default: bool = Fal
         wj = Path(weights_json)
         meta = _read_json(wj, "weights config")
         wp = meta.get(WEIGHTS_KEY) or {}
-        wp[name] = {"settings": p.settings, "source": p.source, **({"spacing_mm": d["spacing_mm"]}
-                                                                   if "spacing_mm" in d else {})}
+        wp[name] = {k: v for k, v in entry.items() if k in ("settings", "source", "spacing_mm")}
         if make_default:
             wp["default"] = name
         meta[WEIGHTS_KEY] = wp
